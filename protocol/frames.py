@@ -1,0 +1,233 @@
+"""Frames: the unit on the wire between a source and a target agent.
+
+Layout of one frame::
+
+    magic "ML" | version u8 | type u8 | flags u8 | reserved u8 | body length u32 | crc32(body) u32
+    body: msgpack map, validated by the pydantic model of the frame type
+
+All integers big-endian. The body length is checked against the negotiated maximum
+*before* any of the body is buffered, so a peer cannot make us allocate more than
+``max_frame`` bytes. Anything wrong (magic, version, type, length, checksum, msgpack,
+model) raises :class:`ProtocolError`; decoding never raises anything else.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any, ClassVar, Final
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from protocol.errors import ProtocolError
+from protocol.ops import Op, op_from_wire
+
+MAGIC: Final = b"ML"
+VERSION: Final = 1
+HEADER: Final = struct.Struct(">2sBBBxII")
+DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
+FLAG_COMPRESSED: Final = 0x01
+_KNOWN_FLAGS: Final = FLAG_COMPRESSED
+
+
+class Frame(BaseModel):
+    """Base of every frame body. ``TYPE`` is the header's type byte."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+    TYPE: ClassVar[int] = 0
+
+    def body(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class Hello(Frame):
+    TYPE: ClassVar[int] = 1
+    versions: list[int]
+    node: str
+    conid: int
+    volume: str
+    target_path: bytes
+    nonce: bytes
+    capabilities: list[str] = []
+
+
+class Challenge(Frame):
+    """Target's nonce, and its proof that it holds the key (auth goes both ways)."""
+
+    TYPE: ClassVar[int] = 2
+    nonce: bytes
+    proof: bytes
+
+
+class Auth(Frame):
+    TYPE: ClassVar[int] = 3
+    proof: bytes
+
+
+class Welcome(Frame):
+    TYPE: ClassVar[int] = 4
+    node: str
+    resume_from: int
+    restore_required: bool
+    mirror_required: bool = False
+    task_processing: bool = True
+    max_frame: int = DEFAULT_MAX_FRAME
+
+
+class Ops(Frame):
+    """A batch of consecutive ops: ``ops[i]`` has seq ``first_seq + i``."""
+
+    TYPE: ClassVar[int] = 5
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore",
+                              arbitrary_types_allowed=True)
+    first_seq: int
+    ops: list[Op]
+
+    def body(self) -> dict[str, Any]:
+        return {"first_seq": self.first_seq, "ops": [op.to_wire() for op in self.ops]}
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.ops) - 1
+
+
+class Ack(Frame):
+    """Cumulative: every op up to ``received`` arrived, up to ``durable`` is on disk."""
+
+    TYPE: ClassVar[int] = 6
+    received: int
+    durable: int
+
+
+class Ping(Frame):
+    TYPE: ClassVar[int] = 7
+    nonce: int
+
+
+class Pong(Frame):
+    TYPE: ClassVar[int] = 8
+    nonce: int
+
+
+class Error(Frame):
+    TYPE: ClassVar[int] = 9
+    code: str
+    message: str
+
+
+class Bye(Frame):
+    TYPE: ClassVar[int] = 10
+    reason: str = ""
+
+
+class TaskResult(Frame):
+    TYPE: ClassVar[int] = 11
+    task_id: str
+    seq: int
+    state: str
+    exit_code: int | None = None
+    output: str = ""
+    started: float | None = None
+    ended: float | None = None
+    message: str = ""
+
+
+class CheckResult(Frame):
+    TYPE: ClassVar[int] = 12
+    seq: int
+    path: bytes
+    result: dict[str, Any] = {}
+
+
+FRAME_TYPES: Final[dict[int, type[Frame]]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Challenge, Auth, Welcome, Ops, Ack, Ping, Pong, Error, Bye,
+                TaskResult, CheckResult)
+}
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Serialise one frame, header included."""
+    body = msgpack.packb(frame.body(), use_bin_type=True)
+    return HEADER.pack(MAGIC, VERSION, frame.TYPE, 0, len(body), zlib.crc32(body)) + body
+
+
+def _decode_body(ftype: int, body: bytes) -> Frame:
+    cls = FRAME_TYPES.get(ftype)
+    if cls is None:
+        raise ProtocolError(f"unknown frame type {ftype}")
+    try:
+        raw = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several types for bad input
+        raise ProtocolError(f"{cls.__name__} body is not valid msgpack: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{cls.__name__} body is not a map")
+    if cls is Ops:
+        return _decode_ops(raw)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError(f"invalid {cls.__name__} frame: {where}: {first['msg']}") from exc
+
+
+def _decode_ops(raw: dict[str, Any]) -> Ops:
+    first_seq = raw.get("first_seq")
+    ops = raw.get("ops")
+    if not isinstance(first_seq, int) or isinstance(first_seq, bool) or first_seq < 1:
+        raise ProtocolError("invalid Ops frame: first_seq must be a positive integer")
+    if not isinstance(ops, list) or not ops:
+        raise ProtocolError("invalid Ops frame: ops must be a non-empty array")
+    # model_construct: every op was checked by op_from_wire, so skip a second pass.
+    return Ops.model_construct(first_seq=first_seq, ops=[op_from_wire(o) for o in ops])
+
+
+class FrameDecoder:
+    """Incremental decoder: feed any chunking of bytes, get whole frames back.
+
+    Args:
+        max_frame: the largest body accepted; a larger declared length is refused
+            as soon as the header arrives.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add received bytes; return every frame now complete, in order.
+
+        Raises:
+            ProtocolError: the stream is not a valid frame sequence. The decoder is
+                unusable afterwards; the session must be closed.
+        """
+        self._buf += data
+        frames: list[Frame] = []
+        while len(self._buf) >= HEADER.size:
+            magic, version, ftype, flags, length, crc = HEADER.unpack_from(self._buf)
+            if magic != MAGIC:
+                raise ProtocolError(f"bad frame magic {bytes(magic)!r}")
+            if version != VERSION:
+                raise ProtocolError(f"unsupported frame version {version}")
+            if flags & ~_KNOWN_FLAGS:
+                raise ProtocolError(f"unknown frame flags {flags:#x}")
+            if flags & FLAG_COMPRESSED:
+                raise ProtocolError("compressed frames were not negotiated")
+            if length > self.max_frame:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit of "
+                                    f"{self.max_frame}", code="too_large")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            body = bytes(self._buf[HEADER.size:end])
+            del self._buf[:end]
+            if zlib.crc32(body) != crc:
+                raise ProtocolError("frame checksum mismatch", code="checksum")
+            frames.append(_decode_body(ftype, body))
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
