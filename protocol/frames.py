@@ -50,6 +50,10 @@ class Hello(Frame):
     target_path: bytes
     nonce: bytes
     capabilities: list[str] = []
+    #: The oldest seq the source can still send; a target behind it must skip ahead.
+    first_seq: int = 1
+    #: The operator ran `replication start … clearrestorerequired`: clear it here too.
+    clear_restore_required: bool = False
 
 
 class Challenge(Frame):
@@ -73,6 +77,7 @@ class Welcome(Frame):
     mirror_required: bool = False
     task_processing: bool = True
     max_frame: int = DEFAULT_MAX_FRAME
+    message: str = ""
 
 
 class Ops(Frame):
@@ -151,6 +156,33 @@ def encode_frame(frame: Frame) -> bytes:
     """Serialise one frame, header included."""
     body = msgpack.packb(frame.body(), use_bin_type=True)
     return HEADER.pack(MAGIC, VERSION, frame.TYPE, 0, len(body), zlib.crc32(body)) + body
+
+
+def encode_op(op: Op) -> bytes:
+    """The msgpack encoding of one op, as it sits in the journal and inside OPS."""
+    return msgpack.packb(op.to_wire(), use_bin_type=True)
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 1 << 16:
+        return b"\xdc" + struct.pack(">H", count)
+    return b"\xdd" + struct.pack(">I", count)
+
+
+_OPS_PREFIX: Final = b"\x82" + msgpack.packb("first_seq")
+_OPS_KEY: Final = msgpack.packb("ops")
+
+
+def encode_ops_frame(first_seq: int, encoded_ops: list[bytes]) -> bytes:
+    """An OPS frame built from already-encoded ops (see :func:`encode_op`).
+
+    The journal keeps ops encoded, so sending a batch is a join, not a re-encode.
+    """
+    body = b"".join([_OPS_PREFIX, msgpack.packb(first_seq), _OPS_KEY,
+                     _array_header(len(encoded_ops)), *encoded_ops])
+    return HEADER.pack(MAGIC, VERSION, Ops.TYPE, 0, len(body), zlib.crc32(body)) + body
 
 
 def _decode_body(ftype: int, body: bytes) -> Frame:

@@ -48,7 +48,7 @@ from typing import Final
 from protocol.errors import AuthenticationError, LocalProtocolError, ProtocolError
 from protocol.frames import (
     DEFAULT_MAX_FRAME, VERSION, Ack, Auth, Bye, Challenge, CheckResult, Error, Frame,
-    FrameDecoder, Hello, Ops, Ping, Pong, TaskResult, Welcome, encode_frame,
+    FrameDecoder, Hello, Ops, Ping, Pong, TaskResult, Welcome, encode_frame, encode_ops_frame,
 )
 
 NONCE_BYTES: Final = 32
@@ -111,7 +111,8 @@ class Session:
     # -- handshake -----------------------------------------------------------------
 
     def start(self, *, node: str, conid: int, volume: str, target_path: bytes, key: bytes,
-              capabilities: list[str] | None = None) -> bytes:
+              capabilities: list[str] | None = None, first_seq: int = 1,
+              clear_restore_required: bool = False) -> bytes:
         """Source: begin the handshake. Returns the HELLO bytes to send."""
         self._require(Role.SOURCE, State.START)
         if len(key) < MIN_KEY_BYTES:
@@ -119,7 +120,8 @@ class Session:
         self._key = key
         self.hello = Hello(versions=[VERSION], node=node, conid=conid, volume=volume,
                            target_path=target_path, nonce=os.urandom(NONCE_BYTES),
-                           capabilities=capabilities or [])
+                           capabilities=capabilities or [], first_seq=first_seq,
+                           clear_restore_required=clear_restore_required)
         self.state = State.HELLO_SENT
         return encode_frame(self.hello)
 
@@ -162,6 +164,15 @@ class Session:
         elif isinstance(frame, Bye):
             self.state = State.CLOSED
         return encode_frame(frame)
+
+    def send_encoded_ops(self, first_seq: int, encoded_ops: list[bytes]) -> bytes:
+        """Source: an OPS frame from journal-encoded ops, with the same seq checks as send()."""
+        if self.role is not Role.SOURCE or self.state is not State.STREAMING:
+            raise LocalProtocolError(f"{self.role.value} may not send OPS in {self.state.value}")
+        if first_seq != self.next_seq or not encoded_ops:
+            raise LocalProtocolError(f"OPS starts at {first_seq}, expected {self.next_seq}")
+        self.next_seq = first_seq + len(encoded_ops)
+        return encode_ops_frame(first_seq, encoded_ops)
 
     def error_frame(self, exc: ProtocolError) -> bytes:
         """The ERROR frame to send after ``exc``; the session is closed afterwards."""

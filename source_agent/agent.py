@@ -1,0 +1,341 @@
+"""The source agent: volume, journal, senders, control commands, and how they start and stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from protocol.control import Exit, Request, Result, failed, ok
+from protocol.keys import KeyFileError, read_key
+from protocol.runtime.control import Emit, serve_control
+from protocol.runtime.sdnotify import notify, watchdog_interval
+from source_agent.config import SourceConfig, parse_host_port
+from source_agent.journal import Journal
+from source_agent.registry import Connection, Registry
+from source_agent.sender import Sender
+from source_agent.volume import Volume
+
+log = structlog.get_logger("source")
+
+
+class SourceAgent:
+    """Everything one ``mirrorline-source`` process runs."""
+
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+        self.registry = Registry(config)
+        self.volumes: dict[str, Volume] = {}
+        self.senders: dict[int, tuple[Sender, trio.CancelScope]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.started_at = time.time()
+
+    # -- start-up ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open journals and the connection registry (before mounting anything)."""
+        os.makedirs(self.config.state_dir, exist_ok=True)
+        for vc in self.config.volume:
+            journal = Journal(os.path.join(self.config.state_dir, "journal", vc.name),
+                              memory_limit=self.config.queue.memory,
+                              segment_bytes=self.config.queue.segment_bytes)
+            recovery = journal.open()
+            log.info("journal opened", volume=vc.name, last_seq=recovery.last_seq,
+                     clean=recovery.clean, torn_bytes=recovery.torn_bytes)
+            self.volumes[vc.name] = Volume(
+                vc.name, vc.path, journal,
+                on_journal_failure=lambda reason, name=vc.name: self._journal_failed(name, reason))
+        empty = {name: v.is_empty() and v.journal.last_seq == 0
+                 for name, v in self.volumes.items()}
+        last = {name: v.journal.last_seq for name, v in self.volumes.items()}
+        # One volume per process (see config), so one last_seq for all connections.
+        self.registry.load(max(last.values(), default=0), empty)
+        for name, volume in self.volumes.items():
+            if volume.journal.recovery and not volume.journal.recovery.clean:
+                for conn in self.registry.connections.values():
+                    if conn.volume == name:
+                        conn.mark_mirror_required(
+                            "the source agent stopped uncleanly; ops after the last durable "
+                            "journal point may be missing")
+        self.registry.save()
+
+    def _journal_failed(self, volume: str, reason: str) -> None:
+        for conn in self.registry.connections.values():
+            if conn.volume == volume and not conn.mirror_required:
+                conn.mark_mirror_required(reason)
+        self.registry.mark_dirty()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled: control socket, mounts, senders; ready when all are up."""
+        from source_agent.capture import serve_mount  # pyfuse3 is imported only here
+
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(lambda task_status: serve_control(
+                cfg.control_socket, self.handle, allowed_uids=set(cfg.control_uids),
+                allowed_gids=set(cfg.control_gids), task_status=task_status))
+            for volume in self.volumes.values():
+                nursery.start_soon(volume.journal.run_flusher, cfg.queue.sync_interval)
+                backing_fd = os.open(volume.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                await nursery.start(serve_mount, volume.path, backing_fd, volume)
+                volume.mounted = True
+                log.info("volume mounted", volume=volume.name, path=volume.path)
+            for conn in self.registry.connections.values():
+                self._start_sender(conn)
+            nursery.start_soon(self.registry.run_saver)
+            nursery.start_soon(self._release_loop)
+            interval = watchdog_interval()
+            if interval:
+                nursery.start_soon(_watchdog, interval)
+            notify("READY=1")
+            log.info("source agent ready", node=cfg.node, socket=cfg.control_socket)
+            task_status.started()
+
+    def _start_sender(self, conn: Connection) -> None:
+        assert self._nursery is not None
+        sender = Sender(conn, self.volumes[conn.volume], node=self.config.node,
+                        on_change=self._conn_changed, batch_bytes=self.config.batch_bytes,
+                        window_bytes=self.config.window_bytes)
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await sender.run()
+
+        self.senders[conn.id] = (sender, scope)
+        self._nursery.start_soon(run)
+
+    def _conn_changed(self, important: bool) -> None:
+        if important:
+            self.registry.save()
+        else:
+            self.registry.mark_dirty()
+
+    async def _release_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            for name, volume in self.volumes.items():
+                conns = [c for c in self.registry.connections.values() if c.volume == name]
+                upto = min((c.acked_seq for c in conns), default=volume.journal.last_seq)
+                if volume.journal.release(upto):
+                    log.debug("journal segments released", volume=name, upto=upto)
+                volume.forget_samples(upto)
+
+    def close(self) -> None:
+        """Flush journals and state at shutdown (after the mounts are gone)."""
+        for volume in self.volumes.values():
+            volume.journal.close()
+        self.registry.save()
+        log.info("source agent stopped cleanly")
+
+    # -- control commands -------------------------------------------------------------
+
+    async def handle(self, request: Request, emit: Emit) -> Result:
+        handler = getattr(self, f"cmd_{request.command}", None)
+        if handler is None:
+            return failed(f"the source agent has no command {request.command!r}", Exit.USAGE)
+        result: Result = await handler(request.args, emit)
+        return result
+
+    def _select(self, args: dict[str, Any]) -> list[Connection] | Result:
+        conid = args.get("conid")
+        try:
+            conns = self.registry.select(conid)
+        except (TypeError, ValueError):
+            return failed(f"bad connection id {conid!r}", Exit.USAGE)
+        if not conns and conid not in (None, "*"):
+            return failed(f"no connection {conid}")
+        return conns
+
+    async def cmd_status(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        data = {
+            "role": "source",
+            "node": self.config.node,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "task_processing": self.registry.task_processing,
+            "volumes": [{
+                "name": v.name, "path": v.path, "mounted": v.mounted,
+                "captured_seq": v.journal.last_seq, "durable_seq": v.journal.durable_seq,
+                "journal_first_seq": v.journal.first_seq,
+                "journal_disk_bytes": v.journal.disk_bytes,
+                "journal_memory_bytes": v.journal.memory_bytes,
+                "journal_failures": v.journal_failures,
+            } for v in self.volumes.values()],
+            "connections": [self._conn_status(c) for c in conns],
+        }
+        return ok("", **data)
+
+    def _conn_status(self, c: Connection) -> dict[str, Any]:
+        volume = self.volumes[c.volume]
+        journal = volume.journal
+        queue_bytes = 0
+        if c.acked_seq < journal.last_seq:
+            # Estimate from the journal's bytes: exact enough for a status line.
+            ops_behind = journal.last_seq - c.acked_seq
+            held = max(journal.last_seq - journal.first_seq + 1, 1)
+            queue_bytes = int(journal.disk_bytes * min(ops_behind / held, 1.0))
+        return {
+            "id": c.id, "volume": c.volume, "target": c.target, "target_path": c.target_path,
+            "target_node": c.target_node, "state": c.state, "replicating": c.replicating,
+            "restore_required": c.restore_required, "mirror_required": c.mirror_required,
+            "mirror_reason": c.mirror_reason, "acked_seq": c.acked_seq,
+            "sent_seq": c.sent_seq, "captured_seq": journal.last_seq,
+            "queue_ops": max(journal.last_seq - c.acked_seq, 0), "queue_bytes": queue_bytes,
+            "lag_seconds": volume.lag_seconds(c.acked_seq), "bytes_sent": c.bytes_sent,
+            "last_error": c.last_error,
+        }
+
+    async def cmd_replication_start(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        clear = bool(args.get("clear_restore_required"))
+        refused = [c for c in conns if c.restore_required and not clear]
+        for conn in conns:
+            if conn in refused:
+                continue
+            if conn.restore_required:
+                conn.restore_required = False
+                conn.clear_restore_pending = True
+                conn.mark_mirror_required("restore required was cleared: the target may "
+                                          "differ from the source")
+                log.warning("restore required cleared by operator", conid=conn.id)
+            conn.replicating = True
+            conn.last_error = ""
+            conn.poke()
+        self.registry.save()
+        started = [c.id for c in conns if c not in refused]
+        if refused:
+            ids = ", ".join(str(c.id) for c in refused)
+            return failed(f"restore required on connection {ids}: the target may hold data the "
+                          f"source lacks. Run `mirrorline restore <conid>`, or override with "
+                          f"`mirrorline replication start <conid> clearrestorerequired`",
+                          started=started, refused=[c.id for c in refused])
+        return ok(f"replication started on {_ids(started)}", started=started)
+
+    async def cmd_replication_stop(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        for conn in conns:
+            conn.replicating = False
+            conn.poke()
+            entry = self.senders.get(conn.id)
+            if entry:
+                entry[0].restart_session()
+        self.registry.save()
+        return ok(f"replication stopped on {_ids([c.id for c in conns])}; ops are still "
+                  f"journaled and will be sent when it starts again",
+                  stopped=[c.id for c in conns])
+
+    async def cmd_connect(self, args: dict[str, Any], emit: Emit) -> Result:
+        volume = str(args.get("volume", ""))
+        target = str(args.get("target", ""))
+        target_path = str(args.get("target_path", ""))
+        key_file = args.get("key_file")
+        if volume not in self.volumes:
+            return failed(f"no volume {volume!r} on this agent (have: "
+                          f"{', '.join(self.volumes)})")
+        try:
+            parse_host_port(target)
+        except ValueError as exc:
+            return failed(str(exc), Exit.USAGE)
+        if not target_path or target_path.startswith("/") or ".." in target_path.split("/"):
+            return failed(f"target path {target_path!r} must be relative, without '..'",
+                          Exit.USAGE)
+        if not key_file:
+            same = [c.key_file for c in self.registry.connections.values() if c.target == target]
+            if not same:
+                return failed("no key file given and no other connection to that target has "
+                              "one: add `key <file>`")
+            key_file = same[0]
+        try:
+            read_key(str(key_file))
+        except KeyFileError as exc:
+            return failed(str(exc))
+        vol = self.volumes[volume]
+        conn = self.registry.add(volume=volume, target=target, target_path=target_path,
+                                 key_file=os.path.abspath(str(key_file)),
+                                 last_seq=vol.journal.last_seq,
+                                 volume_empty=vol.is_empty() and vol.journal.last_seq == 0)
+        self._start_sender(conn)
+        log.info("connection made", conid=conn.id, volume=volume, target=target)
+        msg = f"connection {conn.id}: {volume} -> {target} {target_path}"
+        if conn.mirror_required:
+            msg += " (mirror required: the volume already holds data)"
+        return ok(msg, id=conn.id)
+
+    async def cmd_disconnect(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        for conn in conns:
+            entry = self.senders.pop(conn.id, None)
+            if entry:
+                entry[1].cancel()
+            self.registry.remove(conn.id)
+            log.info("connection removed", conid=conn.id)
+        return ok(f"disconnected {_ids([c.id for c in conns])}",
+                  disconnected=[c.id for c in conns])
+
+    async def cmd_wait_queue(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        timeout = args.get("timeout")
+        goals = {c.id: self.volumes[c.volume].journal.last_seq for c in conns}
+        deadline = trio.current_time() + float(timeout) if timeout is not None else float("inf")
+        with trio.move_on_at(deadline):
+            for conn in conns:
+                while conn.acked_seq < goals[conn.id]:
+                    if not conn.replicating:
+                        why = "restore required" if conn.restore_required else "stopped"
+                        return failed(f"connection {conn.id}: replication is {why}; the queue "
+                                      f"cannot drain", pending=goals[conn.id] - conn.acked_seq)
+                    with trio.move_on_after(1.0):
+                        await conn.acked.park()
+            return ok(f"queue drained on {_ids(list(goals))}", acked={
+                c.id: c.acked_seq for c in conns})
+        behind = {c.id: goals[c.id] - c.acked_seq for c in conns if c.acked_seq < goals[c.id]}
+        return failed(f"timed out after {timeout} s; ops still pending: {behind}", Exit.TIMEOUT,
+                      pending=behind)
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids) if ids else "no connections"
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+async def run_source(config: SourceConfig) -> None:
+    """Run a source agent until SIGTERM/SIGINT, then shut down cleanly."""
+    agent = SourceAgent(config)
+    agent.open()
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent.serve)
+
+                async def wait_signal() -> None:
+                    async for signum in signals:
+                        log.info("shutting down", signal=signal.Signals(signum).name)
+                        notify("STOPPING=1")
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(wait_signal)
+    finally:
+        with trio.CancelScope(shield=True):
+            agent.close()

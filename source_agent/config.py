@@ -1,0 +1,94 @@
+"""Source agent configuration (TOML), validated with pydantic."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from protocol.config_util import load_toml_model
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:7100"); raise ValueError naming the problem."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class VolumeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    #: "journal": fsync returns when the journal is durable; "replicated" also waits
+    #: for every target (bounded by sync_timeout).
+    sync: Literal["journal", "replicated"] = "journal"
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value.rstrip("/") or "/"
+
+
+class ConnectionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: int = Field(ge=1)
+    volume: str
+    target: str
+    target_path: str = Field(min_length=1)
+    key_file: str
+
+    @field_validator("target")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+
+class QueueConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    memory: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    disk: int = Field(default=8 * 1024 * 1024 * 1024, ge=16 * 1024 * 1024)
+    segment_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    #: How often the journal is fsynced when no application asks (seconds).
+    sync_interval: float = Field(default=1.0, gt=0)
+
+
+class SourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    node: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    state_dir: str
+    control_socket: str = "/run/mirrorline/source.sock"
+    task_dir: str | None = None
+    log_level: str = "info"
+    control_uids: list[int] = []
+    control_gids: list[int] = []
+    batch_bytes: int = Field(default=1024 * 1024, ge=4096)
+    window_bytes: int = Field(default=16 * 1024 * 1024, ge=65536)
+    queue: QueueConfig = QueueConfig()
+    volume: list[VolumeConfig] = Field(min_length=1)
+    connection: list[ConnectionConfig] = []
+
+    @model_validator(mode="after")
+    def _references(self) -> SourceConfig:
+        names = [v.name for v in self.volume]
+        if len(set(names)) != len(names):
+            raise ValueError("volume names must be unique")
+        if len(self.volume) > 1:
+            raise ValueError("one volume per source agent process (pyfuse3 serves one mount "
+                             "per process): run one agent, with its own config, per volume")
+        ids = [c.id for c in self.connection]
+        if len(set(ids)) != len(ids):
+            raise ValueError("connection ids must be unique")
+        for c in self.connection:
+            if c.volume not in names:
+                raise ValueError(f"connection {c.id} names unknown volume {c.volume!r}")
+        return self
+
+
+def load_source_config(path: str) -> SourceConfig:
+    """Load and validate a source config file (raises ConfigError)."""
+    return load_toml_model(path, SourceConfig)

@@ -1,0 +1,371 @@
+"""The volume journal (the "source queue"): durable, segmented, with a memory tail.
+
+Layout: ``<dir>/<first_seq:020d>.seg`` files; each holds consecutive records
+
+    length u32 | crc32(seq bytes + op bytes) u32 | seq u64 | op (msgpack, see frames.encode_op)
+
+Why it is right
+---------------
+* Appends happen on the event-loop thread right after the backing file system
+  accepted the op, with no await in between (see capture.py), so seq order is the
+  order the source tree passed through. ``append`` only ``write()``s: durability is
+  a separate, coalesced ``fsync`` (:meth:`Journal.sync`), asked for by application
+  fsync, by the periodic flusher, and at shutdown — never one per op.
+* A crash can tear the tail of the last segment. :meth:`Journal.open` checks every
+  record (length, checksum, seq continuity) and cuts the file back to the last
+  good record, so a torn record is never sent.
+* A segment's name is its first seq, so even an empty active segment tells the
+  next seq after restart: seqs are never reused.
+* Segments are deleted only when every connection has acknowledged all of their
+  ops as durable on its target (:meth:`Journal.release`), and never the active one.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+import trio
+
+from protocol.frames import encode_op
+from protocol.ops import Op
+
+log = structlog.get_logger("journal")
+
+RECORD: Final = struct.Struct(">IIQ")
+INDEX_EVERY: Final = 256
+CLEAN_MARK: Final = "clean-shutdown"
+
+
+class JournalError(Exception):
+    """The journal directory cannot be used (unreadable, corrupt beyond repair)."""
+
+
+class JournalGapError(JournalError):
+    """The ops asked for were released or lost: that connection needs a mirror."""
+
+
+@dataclass
+class Segment:
+    first_seq: int
+    path: str
+    last_seq: int = 0                # first_seq - 1 while empty
+    size: int = 0
+    #: Sparse index: (seq, offset) every INDEX_EVERY records.
+    index: list[tuple[int, int]] = field(default_factory=list)
+
+    def add_index(self, seq: int, offset: int) -> None:
+        if (seq - self.first_seq) % INDEX_EVERY == 0:
+            self.index.append((seq, offset))
+
+    def offset_for(self, seq: int) -> tuple[int, int]:
+        """The (seq, offset) of the indexed record at or before ``seq``."""
+        pos = bisect_right(self.index, (seq, 1 << 62)) - 1
+        return self.index[max(pos, 0)] if self.index else (self.first_seq, 0)
+
+
+@dataclass
+class Recovery:
+    """What :meth:`Journal.open` found."""
+
+    last_seq: int
+    clean: bool
+    torn_bytes: int
+    segments: int
+
+
+class Journal:
+    """A volume's op journal.
+
+    Args:
+        directory: where segments live (created if missing).
+        memory_limit: bytes of encoded ops kept in memory for fast reads.
+        segment_bytes: roll to a new segment after this many bytes.
+    """
+
+    def __init__(self, directory: str, *, memory_limit: int = 64 << 20,
+                 segment_bytes: int = 64 << 20) -> None:
+        self.directory = directory
+        self.memory_limit = memory_limit
+        self.segment_bytes = segment_bytes
+        self.segments: list[Segment] = []
+        self._fd = -1
+        self.last_seq = 0
+        self.durable_seq = 0
+        # Memory tail: _tail[i] is the encoded op of seq _tail_first + i.
+        self._tail: list[bytes] = []
+        self._tail_head = 0
+        self._tail_first = 1
+        self._tail_bytes = 0
+        self._appended = trio.lowlevel.ParkingLot()
+        self._sync_lock = trio.Lock()
+        self.disk_bytes = 0
+        self.recovery: Recovery | None = None
+
+    # -- opening and closing ----------------------------------------------------------
+
+    def open(self) -> Recovery:
+        """Scan, verify and repair the segments; open the active one for appends.
+
+        Raises:
+            JournalError: the directory cannot be read or written.
+        """
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            names = sorted(n for n in os.listdir(self.directory) if n.endswith(".seg"))
+        except OSError as exc:
+            raise JournalError(f"journal directory {self.directory}: {exc.strerror}") from exc
+        clean_path = os.path.join(self.directory, CLEAN_MARK)
+        clean = os.path.exists(clean_path) or not names
+        torn = 0
+        expected = 0
+        for i, name in enumerate(names):
+            try:
+                first = int(name.removesuffix(".seg"))
+            except ValueError:
+                log.warning("ignoring stray file in journal", file=name)
+                continue
+            seg = Segment(first, os.path.join(self.directory, name), last_seq=first - 1)
+            if expected and first != expected:
+                log.error("journal segment does not follow the previous one; dropping it "
+                          "and everything after", segment=name, expected_seq=expected)
+                for rest in names[i:]:
+                    os.unlink(os.path.join(self.directory, rest))
+                break
+            cut = self._scan(seg)
+            self.segments.append(seg)
+            expected = seg.last_seq + 1
+            if cut:
+                torn += cut
+                log.warning("journal tail torn by a crash: cut back to the last good record",
+                            segment=name, bytes_cut=cut, last_seq=seg.last_seq)
+                for rest in names[i + 1:]:
+                    os.unlink(os.path.join(self.directory, rest))
+                break
+        if not self.segments:
+            self.segments.append(self._new_segment(1))
+        active = self.segments[-1]
+        self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o600)
+        self.last_seq = self.durable_seq = active.last_seq
+        self._tail_first = self.last_seq + 1
+        self.disk_bytes = sum(s.size for s in self.segments)
+        if os.path.exists(clean_path):
+            os.unlink(clean_path)
+            _fsync_dir(self.directory)
+        self.recovery = Recovery(self.last_seq, clean and not torn, torn, len(self.segments))
+        return self.recovery
+
+    def _scan(self, seg: Segment) -> int:
+        """Index ``seg``; truncate a torn or corrupt tail. Returns bytes cut."""
+        with open(seg.path, "r+b") as f:
+            data = f.read()
+            offset = 0
+            seq = seg.first_seq
+            while offset + RECORD.size <= len(data):
+                length, crc, rseq = RECORD.unpack_from(data, offset)
+                end = offset + RECORD.size + length
+                if rseq != seq or end > len(data):
+                    break
+                if zlib.crc32(data[offset + 8:end]) != crc:
+                    break
+                seg.add_index(seq, offset)
+                offset = end
+                seq += 1
+            seg.last_seq = seq - 1
+            seg.size = offset
+            cut = len(data) - offset
+            if cut:
+                f.truncate(offset)
+                f.flush()
+                os.fsync(f.fileno())
+        return cut
+
+    def _new_segment(self, first_seq: int) -> Segment:
+        seg = Segment(first_seq, os.path.join(self.directory, f"{first_seq:020d}.seg"),
+                      last_seq=first_seq - 1)
+        fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        _fsync_dir(self.directory)
+        return seg
+
+    def close(self) -> None:
+        """Make everything durable and mark a clean shutdown (call once, at the end)."""
+        if self._fd < 0:
+            return
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        self.durable_seq = self.last_seq
+        with open(os.path.join(self.directory, CLEAN_MARK), "w") as f:
+            f.write(f"{self.last_seq}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.directory)
+
+    # -- appending --------------------------------------------------------------------
+
+    def append(self, op: Op) -> int:
+        """Record ``op`` with the next seq and return that seq. Synchronous, no fsync.
+
+        Raises:
+            OSError: the journal file could not be written (e.g. ENOSPC); the op has
+                no seq and nothing was recorded.
+        """
+        encoded = encode_op(op)
+        seq = self.last_seq + 1
+        seg = self.segments[-1]
+        if seg.size >= self.segment_bytes:
+            seg = self._roll(seq)
+        seq_bytes = struct.pack(">Q", seq)
+        record = RECORD.pack(len(encoded), zlib.crc32(encoded, zlib.crc32(seq_bytes)), seq) + encoded
+        written = os.write(self._fd, record)
+        if written != len(record):
+            # A short write on a regular file means the disk is full: undo it.
+            os.ftruncate(self._fd, seg.size)
+            raise OSError(28, "short write to journal (disk full?)")
+        seg.add_index(seq, seg.size)
+        seg.size += len(record)
+        seg.last_seq = seq
+        self.disk_bytes += len(record)
+        self.last_seq = seq
+        self._tail.append(encoded)
+        self._tail_bytes += len(encoded)
+        while self._tail_bytes > self.memory_limit and self._tail_head < len(self._tail) - 1:
+            self._tail_bytes -= len(self._tail[self._tail_head])
+            self._tail_head += 1
+            self._tail_first += 1
+        if self._tail_head > 4096 and self._tail_head * 2 > len(self._tail):
+            del self._tail[:self._tail_head]
+            self._tail_head = 0
+        self._appended.unpark_all()
+        return seq
+
+    def _roll(self, next_seq: int) -> Segment:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self.durable_seq = max(self.durable_seq, next_seq - 1)
+        seg = self._new_segment(next_seq)
+        self.segments.append(seg)
+        self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        return seg
+
+    async def sync(self, seq: int | None = None) -> None:
+        """Return once every op up to ``seq`` (default: the last) is on stable storage.
+
+        Concurrent callers share one fsync. Cancellation leaves the fsync running in
+        its thread; a later call repeats it if needed.
+        """
+        target = self.last_seq if seq is None else seq
+        while self.durable_seq < target:
+            async with self._sync_lock:
+                if self.durable_seq >= target:
+                    return
+                upto = self.last_seq
+                fd = os.dup(self._fd)
+                try:
+                    await trio.to_thread.run_sync(os.fsync, fd)
+                finally:
+                    os.close(fd)
+                self.durable_seq = max(self.durable_seq, upto)
+
+    async def run_flusher(self, interval: float) -> None:
+        """fsync every ``interval`` seconds while there is something new (until cancelled)."""
+        while True:
+            await trio.sleep(interval)
+            if self.durable_seq < self.last_seq:
+                await self.sync()
+
+    # -- reading ----------------------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest seq still held (last_seq + 1 when nothing is held)."""
+        for seg in self.segments:
+            if seg.last_seq >= seg.first_seq:
+                return seg.first_seq
+        return self.last_seq + 1
+
+    async def wait_for(self, seq: int) -> None:
+        """Return once ``seq`` has been appended."""
+        while self.last_seq < seq:
+            await self._appended.park()
+
+    async def read(self, seq: int, max_bytes: int) -> list[bytes]:
+        """Encoded ops ``seq, seq+1, …`` (at least one; waits for ``seq`` to exist).
+
+        Raises:
+            JournalGapError: ``seq`` was released or lost.
+        """
+        await self.wait_for(seq)
+        if seq >= self._tail_first:
+            start = self._tail_head + (seq - self._tail_first)
+            out: list[bytes] = []
+            size = 0
+            for encoded in self._tail[start:start + 65536]:
+                out.append(encoded)
+                size += len(encoded)
+                if size >= max_bytes:
+                    break
+            return out
+        if seq < self.first_seq:
+            raise JournalGapError(f"seq {seq} is no longer in the journal "
+                                  f"(oldest is {self.first_seq})")
+        return await trio.to_thread.run_sync(self._read_disk, seq, max_bytes)
+
+    def _read_disk(self, seq: int, max_bytes: int) -> list[bytes]:
+        firsts = [s.first_seq for s in self.segments]
+        seg = self.segments[bisect_right(firsts, seq) - 1]
+        at_seq, offset = seg.offset_for(seq)
+        out: list[bytes] = []
+        size = 0
+        with open(seg.path, "rb") as f:
+            f.seek(offset)
+            limit = min(seg.last_seq, self.last_seq)
+            while at_seq <= limit and size < max_bytes:
+                header = f.read(RECORD.size)
+                if len(header) < RECORD.size:
+                    break
+                length, _crc, rseq = RECORD.unpack(header)
+                body = f.read(length)
+                if rseq != at_seq or len(body) != length:
+                    raise JournalError(f"journal segment {seg.path} is damaged at seq {at_seq}")
+                if at_seq >= seq:
+                    out.append(body)
+                    size += len(body)
+                at_seq += 1
+        if not out:
+            raise JournalError(f"seq {seq} not found in {seg.path}")
+        return out
+
+    # -- releasing --------------------------------------------------------------------
+
+    def release(self, upto: int) -> int:
+        """Delete whole segments whose ops are all <= ``upto``. Returns segments deleted."""
+        removed = 0
+        while len(self.segments) > 1 and self.segments[0].last_seq <= upto:
+            seg = self.segments.pop(0)
+            try:
+                os.unlink(seg.path)
+            except FileNotFoundError:
+                pass
+            self.disk_bytes -= seg.size
+            removed += 1
+        return removed
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._tail_bytes
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

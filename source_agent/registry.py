@@ -1,0 +1,157 @@
+"""Connections of a source agent and their persisted state.
+
+``<state_dir>/connections.json`` keeps, per conid: where it goes, whether replication
+is started, the restore-required and mirror-required flags, the last seq the target
+acknowledged as durable, and the journal position when the connection was made.
+conids are stable across restarts and never reused (``next_id`` only grows).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from protocol.runtime.statefile import load_json, save_json
+from source_agent.config import ConnectionConfig, SourceConfig
+
+
+@dataclass
+class Connection:
+    """One replication set → one target path, with its persisted flags."""
+
+    id: int
+    volume: str
+    target: str
+    target_path: str
+    key_file: str
+    replicating: bool = True
+    restore_required: bool = False
+    mirror_required: bool = False
+    mirror_reason: str = ""
+    acked_seq: int = 0
+    base_seq: int = 0
+    #: `clearrestorerequired` was given; tell the target at the next handshake.
+    clear_restore_pending: bool = False
+    from_config: bool = False
+
+    # Runtime only (not persisted).
+    state: str = field(default="starting", metadata={"runtime": True})
+    last_error: str = field(default="", metadata={"runtime": True})
+    sent_seq: int = field(default=0, metadata={"runtime": True})
+    target_node: str = field(default="", metadata={"runtime": True})
+    bytes_sent: int = field(default=0, metadata={"runtime": True})
+    connected_since: float | None = field(default=None, metadata={"runtime": True})
+    changed: trio.Event = field(default_factory=trio.Event, metadata={"runtime": True})
+    acked: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot,
+                                            metadata={"runtime": True})
+
+    _PERSISTED = ("id", "volume", "target", "target_path", "key_file", "replicating",
+                  "restore_required", "mirror_required", "mirror_reason", "acked_seq",
+                  "base_seq", "clear_restore_pending", "from_config")
+
+    def persisted(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._PERSISTED}
+
+    def poke(self) -> None:
+        """Wake whoever waits for a change of flags (the sender)."""
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def mark_mirror_required(self, reason: str) -> None:
+        self.mirror_required = True
+        self.mirror_reason = reason
+
+
+class Registry:
+    """All connections of this agent, loaded from config and the state file."""
+
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+        self.path = os.path.join(config.state_dir, "connections.json")
+        self.connections: dict[int, Connection] = {}
+        self.next_id = 1
+        self.task_processing = True
+        self._dirty_since: float | None = None
+
+    def load(self, journal_last_seq: int, volume_empty: dict[str, bool]) -> None:
+        """Merge persisted state with the config's [[connection]] entries.
+
+        A connection new to the state file starts at the journal's current end and is
+        marked mirror-required when its volume already holds data.
+        """
+        saved = load_json(self.path) or {}
+        self.next_id = int(saved.get("next_id", 1))
+        self.task_processing = bool(saved.get("task_processing", True))
+        for raw in saved.get("connections", []):
+            conn = Connection(**{k: raw[k] for k in Connection._PERSISTED if k in raw})
+            self.connections[conn.id] = conn
+        configured = {c.id for c in self.config.connection}
+        for cc in self.config.connection:
+            existing = self.connections.get(cc.id)
+            if existing is None:
+                self.connections[cc.id] = self._new(cc, journal_last_seq, volume_empty)
+            else:  # config wins for where it goes; flags and positions are kept
+                existing.volume, existing.target = cc.volume, cc.target
+                existing.target_path, existing.key_file = cc.target_path, cc.key_file
+                existing.from_config = True
+        for conid in [c.id for c in self.connections.values()
+                      if c.from_config and c.id not in configured]:
+            del self.connections[conid]  # removed from the config file
+        self.next_id = max([self.next_id, *[c + 1 for c in self.connections]])
+        self.save()
+
+    def _new(self, cc: ConnectionConfig, last_seq: int, volume_empty: dict[str, bool]) -> Connection:
+        conn = Connection(id=cc.id, volume=cc.volume, target=cc.target,
+                          target_path=cc.target_path, key_file=cc.key_file,
+                          base_seq=last_seq, acked_seq=last_seq, from_config=True)
+        if not volume_empty.get(cc.volume, True):
+            conn.mark_mirror_required("the volume held data when the connection was made")
+        return conn
+
+    def add(self, *, volume: str, target: str, target_path: str, key_file: str,
+            last_seq: int, volume_empty: bool) -> Connection:
+        """A new connection made with `connect`; gets the next never-used conid."""
+        conid = self.next_id
+        self.next_id += 1
+        conn = Connection(id=conid, volume=volume, target=target, target_path=target_path,
+                          key_file=key_file, base_seq=last_seq, acked_seq=last_seq)
+        if not volume_empty:
+            conn.mark_mirror_required("the volume held data when the connection was made")
+        self.connections[conid] = conn
+        self.save()
+        return conn
+
+    def remove(self, conid: int) -> None:
+        del self.connections[conid]
+        self.save()
+
+    def save(self) -> None:
+        save_json(self.path, {
+            "next_id": self.next_id,
+            "task_processing": self.task_processing,
+            "connections": [c.persisted() for c in sorted(self.connections.values(),
+                                                          key=lambda c: c.id)],
+        })
+        self._dirty_since = None
+
+    def mark_dirty(self) -> None:
+        """Ack positions changed; saved by :meth:`run_saver` within a second."""
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+
+    async def run_saver(self, interval: float = 1.0) -> None:
+        while True:
+            await trio.sleep(interval)
+            if self._dirty_since is not None:
+                await trio.to_thread.run_sync(self.save)
+
+    def select(self, conid: int | str | None) -> list[Connection]:
+        """Connections named by a CLI argument: an id, "*" or None (all)."""
+        if conid in (None, "*"):
+            return sorted(self.connections.values(), key=lambda c: c.id)
+        conn = self.connections.get(int(conid))  # type: ignore[arg-type]
+        return [conn] if conn else []

@@ -1,0 +1,257 @@
+"""The per-connection sender: journal → OPS frames → target, with acks and reconnects.
+
+One sender task per connection. Each session:
+
+1. TCP connect (10 s bound), handshake (HELLO/CHALLENGE/AUTH/WELCOME, 15 s bound).
+2. WELCOME says where to resume (the target's durable seq + 1) and whether the
+   target holds a failed-over replica (restore required: stop, say so).
+3. Two tasks: the *writer* reads batches from the journal and sends OPS while the
+   window of unacknowledged bytes has room; the *reader* takes ACKs (cumulative)
+   and moves the connection's ``acked_seq``. A PING goes out every 10 s; 45 s
+   without any frame from the target ends the session.
+
+Errors are sorted: a broken link or timeout is temporary (reconnect with backoff
+0.2 s → 5 s); a refused authentication or a protocol error from the peer is shown
+in status and retried slowly (30 s), since an operator must fix the key or config.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import structlog
+import trio
+
+from protocol.errors import AuthenticationError, ProtocolError
+from protocol.frames import Ack, Bye, Error, Ping, Pong, TaskResult, Welcome
+from protocol.keys import KeyFileError, read_key
+from protocol.runtime.groups import single_error
+from protocol.runtime.stream import FrameStream, LinkError
+from protocol.session import Role, Session
+from source_agent.config import parse_host_port
+from source_agent.journal import JournalGapError
+from source_agent.registry import Connection
+from source_agent.volume import Volume
+
+log = structlog.get_logger("sender")
+
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 15.0
+PING_INTERVAL = 10.0
+IDLE_TIMEOUT = 45.0
+
+
+class RemoteError(Exception):
+    """The target sent ERROR."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"target refused: {message} ({code})")
+        self.code = code
+
+
+class PermanentError(Exception):
+    """A problem an operator has to fix; retried slowly."""
+
+
+class Sender:
+    """Streams one connection's ops to its target until cancelled.
+
+    Args:
+        conn: the connection (flags and positions are updated in place).
+        volume: the volume whose journal is read.
+        node: this source's node name.
+        on_change: called when persisted state of ``conn`` changed.
+        batch_bytes / window_bytes: OPS batch size and unacknowledged-bytes window.
+    """
+
+    def __init__(self, conn: Connection, volume: Volume, *, node: str,
+                 on_change: Callable[[bool], None], batch_bytes: int,
+                 window_bytes: int) -> None:
+        self.conn = conn
+        self.volume = volume
+        self.node = node
+        self.on_change = on_change
+        self.batch_bytes = batch_bytes
+        self.window_bytes = window_bytes
+        self._session_scope: trio.CancelScope | None = None
+        self.task_results: deque[TaskResult] = deque(maxlen=100)
+
+    def restart_session(self) -> None:
+        """Drop the current session (e.g. after replication stop); the loop decides next."""
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+
+    async def run(self) -> None:
+        """Reconnect forever while replication is started. Cancel to stop."""
+        conn = self.conn
+        backoff = 0.2
+        while True:
+            if not conn.replicating:
+                conn.state = "restore-required" if conn.restore_required else "stopped"
+                await conn.changed.wait()
+                continue
+            delay = backoff
+            with trio.CancelScope() as scope:
+                self._session_scope = scope
+                try:
+                    await self._session()
+                    backoff = 0.2
+                    delay = 0.0
+                except (LinkError, OSError, trio.TooSlowError) as exc:
+                    self._failed("disconnected", str(exc) or type(exc).__name__)
+                    backoff = min(backoff * 2, 5.0)
+                except (AuthenticationError, KeyFileError, PermanentError) as exc:
+                    self._failed("error", str(exc))
+                    delay = 30.0
+                except RemoteError as exc:
+                    self._failed("error" if exc.code in ("auth", "unknown_source", "config")
+                                 else "disconnected", str(exc))
+                    delay = 30.0 if exc.code in ("auth", "unknown_source", "config") else backoff
+                    backoff = min(backoff * 2, 5.0)
+                except ProtocolError as exc:
+                    self._failed("error", f"protocol error from target: {exc}")
+                    delay = 5.0
+            self._session_scope = None
+            conn.connected_since = None
+            if scope.cancelled_caught:
+                delay = 0.0
+            if delay:
+                with trio.move_on_after(delay):
+                    await conn.changed.wait()  # an operator command retries at once
+
+    def _failed(self, state: str, message: str) -> None:
+        if self.conn.last_error != message or self.conn.state != state:
+            log.warning("session ended", conid=self.conn.id, target=self.conn.target,
+                        reason=message)
+        self.conn.state = state
+        self.conn.last_error = message
+
+    async def _session(self) -> None:
+        conn = self.conn
+        journal = self.volume.journal
+        key = read_key(conn.key_file)
+        host, port = parse_host_port(conn.target)
+        conn.state = "connecting"
+        with trio.fail_after(CONNECT_TIMEOUT):
+            tcp = await trio.open_tcp_stream(host, port)
+        session = Session(Role.SOURCE)
+        fs = FrameStream(tcp, session)
+        try:
+            first_seq = max(journal.first_seq, conn.base_seq + 1)
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await fs.send_bytes(session.start(
+                    node=self.node, conid=conn.id, volume=conn.volume,
+                    target_path=conn.target_path.encode(errors="surrogateescape"), key=key,
+                    first_seq=first_seq, clear_restore_required=conn.clear_restore_pending))
+                frame = await fs.receive()
+                if isinstance(frame, Error):
+                    raise RemoteError(frame.code, frame.message)
+                await fs.send_bytes(session.take_auth())
+                welcome = await fs.receive()
+                if isinstance(welcome, Error):
+                    raise RemoteError(welcome.code, welcome.message)
+            assert isinstance(welcome, Welcome)
+            await self._welcomed(welcome, fs)
+        finally:
+            await fs.aclose()
+
+    async def _welcomed(self, welcome: Welcome, fs: FrameStream) -> None:
+        conn = self.conn
+        journal = self.volume.journal
+        conn.target_node = welcome.node
+        if conn.clear_restore_pending:
+            conn.clear_restore_pending = False
+            self.on_change(True)
+        if welcome.restore_required:
+            log.warning("target reports restore required; replication stopped",
+                        conid=conn.id, target=conn.target)
+            conn.restore_required = True
+            conn.replicating = False
+            conn.last_error = welcome.message or "the target was failed over"
+            self.on_change(True)
+            return
+        if welcome.mirror_required and not conn.mirror_required:
+            conn.mark_mirror_required(welcome.message or "the target skipped ops it never got")
+            self.on_change(True)
+        resume = welcome.resume_from
+        if resume - 1 < conn.acked_seq and resume - 1 < conn.base_seq and conn.acked_seq:
+            pass  # a fresh target for a connection made after ops existed: normal
+        elif resume - 1 < conn.acked_seq:
+            conn.mark_mirror_required(f"the target lost its checkpoint (it had acknowledged "
+                                      f"seq {conn.acked_seq}, now resumes at {resume})")
+            self.on_change(True)
+        if resume > journal.last_seq + 1:
+            raise PermanentError(
+                f"the target has applied up to seq {resume - 1}, beyond this source's journal "
+                f"(last seq {journal.last_seq}): the journal was reset; a full mirror is needed")
+        conn.acked_seq = resume - 1
+        conn.sent_seq = resume - 1
+        conn.state = "replicating"
+        conn.last_error = ""
+        conn.connected_since = time.time()
+        log.info("replicating", conid=conn.id, target=conn.target, resume_from=resume,
+                 captured_seq=journal.last_seq)
+        inflight: deque[tuple[int, int]] = deque()   # (last seq of a batch, its bytes)
+        room = trio.lowlevel.ParkingLot()
+        state = {"inflight_bytes": 0, "last_rx": time.monotonic()}
+
+        async def writer() -> None:
+            seq = resume
+            while True:
+                while state["inflight_bytes"] >= self.window_bytes:
+                    await room.park()
+                try:
+                    batch = await journal.read(seq, self.batch_bytes)
+                except JournalGapError as exc:
+                    conn.mark_mirror_required(str(exc))
+                    self.on_change(True)
+                    raise PermanentError(str(exc)) from exc
+                size = sum(len(b) for b in batch)
+                await fs.send_bytes(fs.session.send_encoded_ops(seq, batch))
+                seq += len(batch)
+                conn.sent_seq = seq - 1
+                conn.bytes_sent += size
+                inflight.append((seq - 1, size))
+                state["inflight_bytes"] += size
+
+        async def reader() -> None:
+            while True:
+                with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                    frame = await fs.receive()
+                if idle.cancelled_caught:
+                    raise LinkError(f"no frame from the target for {IDLE_TIMEOUT:.0f} s")
+                state["last_rx"] = time.monotonic()
+                if isinstance(frame, Ack):
+                    while inflight and inflight[0][0] <= frame.received:
+                        state["inflight_bytes"] -= inflight.popleft()[1]
+                    room.unpark_all()
+                    if frame.durable > conn.acked_seq:
+                        conn.acked_seq = frame.durable
+                        conn.acked.unpark_all()
+                        self.on_change(False)
+                elif isinstance(frame, Error):
+                    raise RemoteError(frame.code, frame.message)
+                elif isinstance(frame, Bye):
+                    raise LinkError(f"target said goodbye: {frame.reason}")
+                elif isinstance(frame, Ping):
+                    await fs.send(Pong(nonce=frame.nonce))
+                elif isinstance(frame, TaskResult):
+                    self.task_results.append(frame)
+                elif isinstance(frame, Pong):
+                    pass
+
+        async def pinger() -> None:
+            nonce = 0
+            while True:
+                await trio.sleep(PING_INTERVAL)
+                nonce += 1
+                await fs.send(Ping(nonce=nonce))
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                nursery.start_soon(reader)
+                nursery.start_soon(pinger)
+

@@ -1,0 +1,177 @@
+"""Per-(source node, conid) replica state on the target, and how a session applies ops.
+
+Why the checkpoint rule keeps the replica crash-consistent
+-----------------------------------------------------------
+Ops are applied strictly in seq order. After a batch, and before anything that
+must see a durable state, :meth:`Replica.checkpoint` fsyncs every file and
+directory the batch touched and only then persists ``applied_seq`` (atomic
+replace of a small JSON file). So the persisted seq never claims more than is on
+disk. After a crash the source resends from ``applied_seq + 1``; ops between the
+checkpoint and the crash are applied a second time, which is harmless for every
+op kind except rename and link (a replayed ``rename A B`` would move a newer
+``A``) — so the applier checkpoints right after each of those, and they are never
+replayed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from protocol.ops import Op
+from protocol.runtime.statefile import load_json, save_json
+from target_agent.applier import Applier, ApplyError
+
+log = structlog.get_logger("replica")
+
+MAX_BACKOFF = 5.0
+FLAG_AFTER_FAILURES = 10
+
+
+@dataclass
+class Replica:
+    """The persisted state of one connection's replica, plus its runtime status."""
+
+    node: str
+    conid: int
+    target_path: str
+    root: str
+    state_path: str
+    applied_seq: int = 0
+    restore_required: bool = False
+    mirror_required: bool = False
+    mirror_reason: str = ""
+    failed_over: bool = False
+    # Runtime only.
+    state: str = "idle"
+    last_error: str = ""
+    apply_failures: int = 0
+    received_seq: int = 0
+    ops_applied: int = 0
+    bytes_applied: int = 0
+    last_checkpoint: float | None = None
+    session_scope: trio.CancelScope | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    applier: Applier | None = None
+
+    _PERSISTED = ("node", "conid", "target_path", "applied_seq", "restore_required",
+                  "mirror_required", "mirror_reason", "failed_over")
+
+    @classmethod
+    def load(cls, state_path: str, root: str) -> Replica | None:
+        raw = load_json(state_path)
+        if raw is None:
+            return None
+        return cls(node=raw["node"], conid=int(raw["conid"]), target_path=raw["target_path"],
+                   root=root, state_path=state_path, applied_seq=int(raw["applied_seq"]),
+                   restore_required=bool(raw.get("restore_required")),
+                   mirror_required=bool(raw.get("mirror_required")),
+                   mirror_reason=str(raw.get("mirror_reason", "")),
+                   failed_over=bool(raw.get("failed_over")))
+
+    @property
+    def replica_path(self) -> str:
+        return os.path.join(self.root, self.target_path)
+
+    def save(self) -> None:
+        save_json(self.state_path, {k: getattr(self, k) for k in self._PERSISTED})
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "source": self.node, "id": self.conid, "applied_seq": self.applied_seq,
+            "received_seq": self.received_seq, "state": self.state,
+            "restore_required": self.restore_required, "mirror_required": self.mirror_required,
+            "mirror_reason": self.mirror_reason, "failed_over": self.failed_over,
+            "target_path": self.target_path, "replica_path": self.replica_path,
+            "ops_applied": self.ops_applied, "bytes_applied": self.bytes_applied,
+            "apply_failures": self.apply_failures, "last_error": self.last_error,
+            "tolerated_missing": self.applier.tolerated_missing if self.applier else 0,
+        }
+
+    # -- applying (runs in a worker thread) ---------------------------------------------
+
+    def open_applier(self) -> Applier:
+        if self.applier is None:
+            self.applier = Applier(self.replica_path)
+        return self.applier
+
+    def close_applier(self) -> None:
+        if self.applier is not None:
+            self.applier.close()
+            self.applier = None
+
+    def apply_ops(self, first_seq: int, ops: list[Op]) -> int:
+        """Apply ops with seqs ``first_seq…`` in order, checkpointing after rename/link.
+
+        Returns how many were applied. Stops at the first ApplyError, which it
+        re-raises after checkpointing what was applied before it.
+        Runs in a worker thread: it touches no trio object.
+        """
+        applier = self.open_applier()
+        done = 0
+        try:
+            for op in ops:
+                seq = first_seq + done
+                if seq <= self.applied_seq:   # duplicate after a reconnect: skip
+                    done += 1
+                    continue
+                applier.apply(op)
+                done += 1
+                self.ops_applied += 1
+                self._pending_seq = seq
+                if applier.needs_checkpoint(op):
+                    self.checkpoint()
+        finally:
+            if done:
+                self.checkpoint()
+        return done
+
+    _pending_seq: int = 0
+
+    def checkpoint(self) -> None:
+        """fsync what was applied, then persist the applied seq (DESIGN §5)."""
+        if self._pending_seq <= self.applied_seq:
+            return
+        assert self.applier is not None
+        self.applier.sync()
+        self.applied_seq = self._pending_seq
+        self.save()
+        self.last_checkpoint = time.time()
+
+    async def apply_with_retry(self, first_seq: int, ops: list[Op]) -> None:
+        """Apply a batch; on temporary errors (ENOSPC, EIO, EACCES) retry with backoff.
+
+        Never drops an op. After repeated failures the connection is flagged
+        mirror-required (its status says why) but the retries go on, so freeing
+        space lets it resume by itself.
+        Raises:
+            ApplyError: a permanent error (the caller ends the session).
+        """
+        backoff = 0.2
+        start = 0
+        while start < len(ops):
+            try:
+                start += await trio.to_thread.run_sync(self.apply_ops, first_seq + start,
+                                                       ops[start:])
+                self.state = "replicating"
+                self.last_error = ""
+            except ApplyError as exc:
+                if exc.permanent:
+                    raise
+                self.apply_failures += 1
+                start = self.applied_seq - first_seq + 1
+                self.state = "paused"
+                self.last_error = str(exc)
+                log.warning("apply failed; retrying", node=self.node, conid=self.conid,
+                            seq=self.applied_seq + 1, error=str(exc), retry_in=backoff)
+                if self.apply_failures == FLAG_AFTER_FAILURES and not self.mirror_required:
+                    self.mirror_required = True
+                    self.mirror_reason = f"repeated apply failures: {exc}"
+                    await trio.to_thread.run_sync(self.save)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
