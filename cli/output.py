@@ -1,0 +1,261 @@
+"""What the CLI prints: human text by default, JSON lines with ``--json``.
+
+Human mode: progress events go to stderr as lines; the result's message goes to stdout
+(stderr when the command failed), followed by a rendering of its data for the commands
+that have one (``status``, ``tasks``, ``orphans``). JSON mode: progress events go to
+stderr as JSON lines and stdout gets exactly one line, the result object
+``{"ok", "exit", "message", "data"}``.
+
+Paths in control messages are ``str`` decoded with ``surrogateescape``; human output
+shows undecodable bytes as ``\\xNN`` escapes, JSON output as ``\\udcNN`` escapes, so
+neither can fail to encode.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, TextIO
+
+from protocol.control import Result
+
+_MISSING: Final = "-"
+
+
+class Printer:
+    """Writes progress events and results for one CLI invocation."""
+
+    def __init__(self, *, json_mode: bool, out: TextIO, err: TextIO) -> None:
+        self.json_mode = json_mode
+        self.out = out
+        self.err = err
+
+    def progress(self, event: Mapping[str, Any]) -> None:
+        """One progress event from the agent (or a note from the CLI itself)."""
+        if self.json_mode:
+            _write(self.err, _json_line(dict(event)))
+            return
+        message = event.get("message")
+        if not message:
+            fields = {k: v for k, v in event.items() if k not in ("type", "message")}
+            message = " ".join(f"{k}={_scalar(v)}" for k, v in fields.items()) or "..."
+        _write(self.err, str(message))
+
+    def note(self, message: str, **fields: Any) -> None:
+        """A remark from the CLI (e.g. which script line failed), shaped like progress."""
+        self.progress({"type": "progress", "message": message, **fields})
+
+    def result(self, result: Result, command: str | None = None) -> None:
+        """The final result of ``command`` (a control command name; None for local ones)."""
+        if self.json_mode:
+            body = {
+                "ok": result.ok,
+                "exit": result.exit,
+                "message": result.message,
+                "data": result.data,
+            }
+            _write(self.out, _json_line(body))
+            return
+        stream = self.out if result.ok else self.err
+        if result.message:
+            _write(stream, result.message)
+        render = _RENDERERS.get(command or "")
+        lines = render(result.data) if render is not None and result.data else None
+        if lines is None and not result.message:
+            lines = _render_fields(result.data)
+        for line in lines or ():
+            _write(stream, line)
+        if command == "connect" and result.ok and "id" in result.data:
+            conid = str(result.data["id"])
+            if conid not in result.message:
+                _write(stream, f"connection {conid}")
+
+    def text(self, text: str) -> None:
+        """Plain text for stdout (help, a generated key)."""
+        _write(self.out, text.rstrip("\n"))
+
+
+# --- renderers ----------------------------------------------------------------------------
+
+
+def render_status(data: Mapping[str, Any]) -> list[str] | None:
+    """The ``status`` result data as lines (source or target role), None if unrecognised."""
+    role = data.get("role")
+    connections = data.get("connections")
+    if role not in ("source", "target") or not isinstance(connections, list):
+        return None
+    lines = [f"{role} {_text(data.get('node'))}"]
+    headers: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    if role == "source":
+        for volume in _dicts(data.get("volumes")):
+            mounted = "mounted" if volume.get("mounted") else "NOT MOUNTED"
+            lines.append(
+                f"volume {_text(volume.get('name'))}  {_text(volume.get('path'))}  {mounted}"
+                f"  captured_seq {_text(volume.get('captured_seq'))}"
+            )
+        headers = ("ID", "VOLUME", "TARGET", "STATE", "ACKED", "CAPTURED", "QUEUE", "LAG",
+                   "FLAGS")
+        rows = [
+            (
+                _text(conn.get("id")),
+                _text(conn.get("volume")),
+                _text(conn.get("target")),
+                _text(conn.get("state")),
+                _text(conn.get("acked_seq")),
+                _text(conn.get("captured_seq")),
+                _bytes(conn.get("queue_bytes")),
+                _seconds(conn.get("lag_seconds")),
+                _flags(conn),
+            )
+            for conn in _dicts(connections)
+        ]
+        right = {4, 5, 6, 7}
+    else:
+        headers = ("SOURCE", "ID", "APPLIED", "STATE", "FLAGS")
+        rows = [
+            (
+                _text(conn.get("source")),
+                _text(conn.get("id")),
+                _text(conn.get("applied_seq")),
+                _text(conn.get("state")),
+                _flags(conn),
+            )
+            for conn in _dicts(connections)
+        ]
+        right = {2}
+    if not rows:
+        lines.append("no connections")
+        return lines
+    lines += table(headers, rows, right)
+    for conn in _dicts(connections):
+        task = conn.get("last_task")
+        if isinstance(task, dict):
+            lines.append(f"connection {_text(conn.get('id'))}: last task {_task_summary(task)}")
+    return lines
+
+
+def render_tasks(data: Mapping[str, Any]) -> list[str] | None:
+    """The ``tasks`` result data (``{"tasks": [...]}``) as a table."""
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list):
+        return None
+    if not tasks:
+        return ["no tasks"]
+    headers = ("ID", "CONID", "SEQ", "TASK", "ON", "STATE", "EXIT")
+    rows = [
+        (
+            _text(task.get("id")),
+            _text(task.get("conid")),
+            _text(task.get("seq")),
+            " ".join([_text(task.get("name") or task.get("task")),
+                      *map(_text, task.get("args") or [])]),
+            _text(task.get("trigger")),
+            _text(task.get("state")),
+            _text(task.get("exit_code")),
+        )
+        for task in _dicts(tasks)
+    ]
+    return table(headers, rows, right={2, 6})
+
+
+def render_orphans(data: Mapping[str, Any]) -> list[str] | None:
+    """The ``orphans`` result data (``{"orphans": [...]}``): one path per line."""
+    orphans = data.get("orphans")
+    if not isinstance(orphans, list):
+        return None
+    return [_text(o.get("path") if isinstance(o, dict) else o) for o in orphans]
+
+
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] | None = None
+) -> list[str]:
+    """Columns padded to their widest cell; ``right`` holds right-aligned column indexes."""
+    right = right or set()
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(padded).rstrip()
+
+    return [line(headers), *(line(row) for row in rows)]
+
+
+_RENDERERS: Final[dict[str, Callable[[Mapping[str, Any]], list[str] | None]]] = {
+    "status": render_status,
+    "tasks": render_tasks,
+    "orphans": render_orphans,
+}
+
+
+def _render_fields(data: Mapping[str, Any]) -> list[str]:
+    return [f"{key}: {_scalar(value)}" for key, value in data.items()]
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _flags(conn: Mapping[str, Any]) -> str:
+    flags = [name.replace("_", "-") for name in ("restore_required", "mirror_required")
+             if conn.get(name)]
+    return ",".join(flags) or _MISSING
+
+
+def _task_summary(task: Mapping[str, Any]) -> str:
+    summary = f"{_text(task.get('id'))} {_text(task.get('name') or task.get('task'))} " \
+              f"{_text(task.get('state'))}"
+    if task.get("exit_code") is not None:
+        summary += f" (exit {task['exit_code']})"
+    return summary
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return _MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return _text(value)
+
+
+def _bytes(value: Any) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _text(value)
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _text(value)
+    return f"{value:.1f}s"
+
+
+def _json_line(body: Mapping[str, Any]) -> str:
+    # ensure_ascii: surrogate-escaped path bytes become \udcNN, never an encode error
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _printable(text: str) -> str:
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no byte decoded to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _write(stream: TextIO, text: str) -> None:
+    stream.write(_printable(text) + "\n")
+    stream.flush()

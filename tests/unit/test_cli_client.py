@@ -1,0 +1,512 @@
+"""The real CLI ``main()`` against a small Unix-socket server that answers canned lines.
+
+The server thread is test scaffolding: it records each request and replies with the lines
+a test gives it. What is under test is the CLI: the request it sends, what it prints, and
+its exit code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli.main import main
+
+Reply = dict[str, Any] | bytes | float  # a response object, raw bytes, or a pause (seconds)
+Handler = Callable[[dict[str, Any]], Iterable[Reply]]
+
+
+def result(ok: bool = True, exit: int = 0, message: str = "", **data: Any) -> dict[str, Any]:
+    return {"type": "result", "ok": ok, "exit": exit, "message": message, "data": data}
+
+
+def progress(message: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "progress", "message": message, **fields}
+
+
+class CannedServer:
+    """Accepts connections one at a time; answers each request with ``handler(request)``."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self.requests: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.listener.settimeout(0.05)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        data = b""
+        conn.settimeout(5)
+        while b"\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        request = json.loads(data.split(b"\n", 1)[0])
+        self.requests.append(request)
+        try:
+            for reply in self.handler(request):
+                if isinstance(reply, float):
+                    if self.stop.wait(reply):
+                        return
+                elif isinstance(reply, bytes):
+                    conn.sendall(reply)
+                else:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass  # the client went away (a client-side timeout)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # AF_UNIX paths are limited to 108 bytes; pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="ml-cli-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def serve(short_dir: Path) -> Iterator[Callable[[Handler], CannedServer]]:
+    servers: list[CannedServer] = []
+
+    def start(handler: Handler) -> CannedServer:
+        server = CannedServer(str(short_dir / f"ctl{len(servers)}.sock"), handler)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SOURCE_STATUS: dict[str, Any] = {
+    "role": "source",
+    "node": "src1",
+    "volumes": [{"name": "data", "path": "/srv/data", "mounted": True, "captured_seq": 1234}],
+    "connections": [
+        {"id": 1, "volume": "data", "target": "127.0.0.1:7100", "state": "replicating",
+         "restore_required": False, "mirror_required": True, "acked_seq": 1200,
+         "captured_seq": 1234, "queue_bytes": 4096, "lag_seconds": 0.25},
+        {"id": 2, "volume": "data", "target": "10.0.0.2:7100", "state": "stopped",
+         "restore_required": True, "mirror_required": False, "acked_seq": 17,
+         "captured_seq": 1234, "queue_bytes": 5 * 1024 * 1024, "lag_seconds": None},
+    ],
+}
+TARGET_STATUS: dict[str, Any] = {
+    "role": "target",
+    "node": "tgt1",
+    "connections": [
+        {"source": "src1", "id": 1, "applied_seq": 99, "state": "applying",
+         "restore_required": True},
+    ],
+}
+
+
+def test_status_prints_a_table_and_sends_the_request(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [result(**SOURCE_STATUS)])
+    code, out, err = cli(capsys, "--socket", server.path, "STATUS")
+    assert code == 0
+    assert server.requests == [{"command": "status", "args": {"conid": None}}]
+    lines = out.splitlines()
+    assert lines[0] == "source src1"
+    assert "volume data  /srv/data  mounted  captured_seq 1234" in lines
+    header = next(line for line in lines if line.startswith("ID"))
+    for column in ("VOLUME", "TARGET", "STATE", "ACKED", "CAPTURED", "QUEUE", "LAG", "FLAGS"):
+        assert column in header
+    row1 = next(line for line in lines if line.startswith("1 "))
+    assert row1.split() == ["1", "data", "127.0.0.1:7100", "replicating", "1200", "1234",
+                            "4.0", "KiB", "0.2s", "mirror-required"]
+    row2 = next(line for line in lines if line.startswith("2 "))
+    assert "restore-required" in row2 and "5.0 MiB" in row2 and "-" in row2.split()
+    assert err == ""
+
+
+def test_target_status_table(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [result(**TARGET_STATUS)])
+    code, out, _ = cli(capsys, "--socket", server.path, "status", "1")
+    assert code == 0
+    assert server.requests[0]["args"] == {"conid": 1}
+    lines = out.splitlines()
+    assert lines[0] == "target tgt1"
+    assert lines[1].split() == ["SOURCE", "ID", "APPLIED", "STATE", "FLAGS"]
+    assert lines[2].split() == ["src1", "1", "99", "applying", "restore-required"]
+
+
+def test_json_prints_exactly_the_result_and_progress_as_json_lines(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [progress("connecting", step=1), progress("checking"),
+                                    result(**SOURCE_STATUS)])
+    code, out, err = cli(capsys, "status", "--json", "--socket", server.path)
+    assert code == 0
+    assert out.count("\n") == 1
+    assert json.loads(out) == {"ok": True, "exit": 0, "message": "", "data": SOURCE_STATUS}
+    events = [json.loads(line) for line in err.splitlines()]
+    assert events == [progress("connecting", step=1), progress("checking")]
+
+
+def test_progress_lines_and_message_in_human_mode(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [progress("mirroring 10%"), progress("", percent=50),
+                                    result(message="mirror of 1 complete")])
+    code, out, err = cli(capsys, "--socket", server.path, "mirror", "start", "1", "--wait")
+    assert code == 0
+    assert err.splitlines() == ["mirroring 10%", "percent=50"]
+    assert out.splitlines() == ["mirror of 1 complete"]
+    assert server.requests[0] == {
+        "command": "mirror",
+        "args": {"action": "start", "conid": 1, "mode": "full", "newer": False,
+                 "orphans": None, "wait": True},
+    }
+
+
+def test_failure_exits_1_with_the_message_on_stderr(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    message = "restore required on 1; use 'replication start 1 clearrestorerequired'"
+    server = serve(lambda request: [result(ok=False, exit=1, message=message)])
+    code, out, err = cli(capsys, "--socket", server.path, "replication", "start", "1")
+    assert code == 1
+    assert out == ""
+    assert err.strip() == message
+    assert server.requests == [{"command": "replication_start",
+                                "args": {"conid": 1, "clear_restore_required": False}}]
+
+
+def test_task_exit_code_passes_through(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [result(ok=False, exit=7, message="task 3 exited 7")])
+    code, out, _ = cli(capsys, "--json", "--socket", server.path, "queuetask", "1", "snap",
+                       "--wait")
+    assert code == 7
+    assert json.loads(out)["exit"] == 7
+    args = server.requests[0]["args"]
+    assert (args["task"], args["wait"], args["wait_timeout"]) == ("snap", True, None)
+
+
+def test_failed_result_without_a_failing_code_exits_1(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [result(ok=False, exit=0, message="odd")])
+    assert cli(capsys, "--socket", server.path, "disconnect", "*")[0] == 1
+
+
+def test_connect_shows_the_new_conid(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, short_dir: Path,
+) -> None:
+    server = serve(lambda request: [result(message="connected", id=5)])
+    monkeypatch.chdir(short_dir)
+    code, out, _ = cli(capsys, "--socket", server.path, "connect", "data", "to", "t:7100",
+                       "map", "data", "key", "k.key")
+    assert code == 0
+    assert out.splitlines() == ["connected", "connection 5"]
+    assert server.requests[0]["args"]["key_file"] == str(short_dir / "k.key")
+
+
+def test_socket_comes_from_the_environment(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, short_dir: Path,
+) -> None:
+    server = serve(lambda request: [result(message="ok")])
+    monkeypatch.setenv("MIRRORLINE_SOCKET", server.path)
+    assert cli(capsys, "tasks")[0] == 0
+    assert server.requests == [{"command": "tasks", "args": {"conid": None}}]
+    # --socket wins over the environment
+    code, _, err = cli(capsys, "--socket", str(short_dir / "none.sock"), "tasks")
+    assert code == 3 and "none.sock" in err
+
+
+def test_missing_socket_exits_3_naming_the_path(
+    capsys: pytest.CaptureFixture[str], short_dir: Path
+) -> None:
+    path = str(short_dir / "source.sock")
+    code, out, err = cli(capsys, "--socket", path, "status")
+    assert code == 3
+    assert out == ""
+    assert path in err and "systemctl status mirrorline-source" in err
+    code, out, _ = cli(capsys, "--json", "--socket", str(short_dir / "target.sock"), "status")
+    body = json.loads(out)
+    assert (code, body["ok"], body["exit"]) == (3, False, 3)
+    assert "systemctl status mirrorline-target" in body["message"]
+
+
+def test_refused_connection_exits_3(capsys: pytest.CaptureFixture[str], short_dir: Path) -> None:
+    path = str(short_dir / "stale.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # a socket file nobody listens on, as after a crash
+    stale.close()
+    code, _, err = cli(capsys, "--socket", path, "status")
+    assert code == 3
+    assert "connection refused" in err and path in err
+
+
+def test_not_a_socket_exits_3(capsys: pytest.CaptureFixture[str], short_dir: Path) -> None:
+    path = short_dir / "plain"
+    path.write_text("")
+    code, _, err = cli(capsys, "--socket", str(path), "status")
+    assert code == 3 and str(path) in err
+
+
+def test_permission_denied_exits_3(
+    serve: Callable[[Handler], CannedServer], short_dir: Path
+) -> None:
+    server = serve(lambda request: [result()])
+    os.chmod(short_dir, 0o755)
+    os.chmod(server.path, 0o600)
+    if os.geteuid() != 0:
+        pytest.skip("needs a socket owned by another user: run as root to cover this")
+    # Root bypasses the socket's mode: run main() in a child that has dropped to nobody.
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            stream = io.StringIO()
+            import sys
+
+            sys.stdout = sys.stderr = stream
+            code = main(["--socket", server.path, "status"])
+            os.write(write_fd, json.dumps([code, stream.getvalue()]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    code, text = json.loads(data)
+    assert code == 3
+    assert "permission denied" in text and server.path in text
+    assert server.requests == []
+
+
+def test_client_deadline_exits_4(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [progress("waiting"), 30.0, result()])
+    started = time.monotonic()
+    code, _, err = cli(capsys, "--socket", server.path, "wait", "queue", "1",
+                       "--timeout", "0.1")
+    elapsed = time.monotonic() - started
+    assert code == 4
+    assert "timed out after 0.1 s" in err
+    assert elapsed < 3
+    assert server.requests == [{"command": "wait_queue", "args": {"conid": 1, "timeout": 0.1}}]
+
+
+def test_agent_timeout_result_exits_4_with_its_message(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [result(ok=False, exit=4, message="queue not empty after 1 s")])
+    code, _, err = cli(capsys, "--socket", server.path, "wait", "queue", "*", "--timeout", "1")
+    assert code == 4 and "queue not empty" in err
+
+
+def test_no_client_deadline_without_timeout(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [0.3, result(message="drained")])
+    code, out, _ = cli(capsys, "--socket", server.path, "wait", "queue", "1")
+    assert (code, out.strip()) == (0, "drained")
+
+
+def test_connection_closed_before_result_exits_3(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [progress("working")])
+    code, _, err = cli(capsys, "--socket", server.path, "verify", "1")
+    assert code == 3
+    assert "closed the connection before answering" in err
+
+
+@pytest.mark.parametrize("reply", [b"not json\n", b'["list"]\n', b'{"type": "result"}\n'])
+def test_garbage_response_exits_1(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str], reply: bytes
+) -> None:
+    server = serve(lambda request: [reply])
+    code, _, err = cli(capsys, "--socket", server.path, "status")
+    assert code == 1
+    assert "bad res" in err
+
+
+def test_usage_error_exits_2_without_contacting_the_daemon(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [result()])
+    code, out, err = cli(capsys, "--socket", server.path, "replication", "begin", "1")
+    assert code == 2
+    assert "expected start|stop" in err and "usage: mirrorline replication" in err
+    code, out, _ = cli(capsys, "--json", "--socket", server.path, "status", "x")
+    assert code == 2 and json.loads(out)["exit"] == 2
+    assert cli(capsys)[0] == 2
+    assert server.requests == []
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0 and "queuetask" in out and "Exit codes" in out
+
+
+# --- run <script> ---------------------------------------------------------------------
+
+
+def test_run_stops_at_the_first_failure(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str],
+    short_dir: Path,
+) -> None:
+    def handler(request: dict[str, Any]) -> list[Reply]:
+        if request["command"] == "replication_start":
+            return [result(ok=False, exit=1, message="restore required on 2")]
+        return [result(message=f"{request['command']} ok")]
+
+    server = serve(handler)
+    script = short_dir / "nightly.txt"
+    script.write_text(
+        "# nightly job\n"
+        "\n"
+        "replication stop 2   # pause it\n"
+        "REPLICATION START 2\n"
+        "queuetask 2 snap.sh\n"
+    )
+    code, out, err = cli(capsys, "--socket", server.path, "run", str(script))
+    assert code == 1
+    assert [r["command"] for r in server.requests] == ["replication_stop", "replication_start"]
+    assert out.splitlines() == ["replication_stop ok"]
+    assert "restore required on 2" in err
+    assert f"{script}:4: failed with exit 1: REPLICATION START 2" in err
+
+
+def test_run_checks_every_line_before_running_any(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str],
+    short_dir: Path,
+) -> None:
+    server = serve(lambda request: [result()])
+    script = short_dir / "bad.txt"
+    script.write_text("status\nreplication start 1 now\n")
+    code, _, err = cli(capsys, "--socket", server.path, "run", str(script))
+    assert code == 2
+    assert f"{script}:2:" in err and "nothing was run" in err
+    assert server.requests == []
+
+
+def test_run_passes_exit_codes_and_socket_per_line(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str],
+    short_dir: Path,
+) -> None:
+    source = serve(lambda request: [result(message="source")])
+    target = serve(lambda request: [result(ok=False, exit=4, message="slow")])
+    script = short_dir / "s.txt"
+    script.write_text(f"mirrorline status\n--socket {target.path} wait queue * --timeout 9\n")
+    code, out, err = cli(capsys, "--json", "--socket", source.path, "run", str(script))
+    assert code == 4
+    assert [json.loads(line)["message"] for line in out.splitlines()] == ["source", "slow"]
+    assert json.loads(err.splitlines()[-1])["line"] == 2
+    assert len(source.requests) == len(target.requests) == 1
+
+
+def test_run_unreadable_script_fails(capsys: pytest.CaptureFixture[str], short_dir: Path) -> None:
+    code, _, err = cli(capsys, "run", str(short_dir / "missing.txt"))
+    assert code == 1 and "cannot read" in err
+
+
+def test_run_refuses_nested_run(capsys: pytest.CaptureFixture[str], short_dir: Path) -> None:
+    script = short_dir / "loop.txt"
+    script.write_text(f"run {script}\n")
+    code, _, err = cli(capsys, "run", str(script))
+    assert code == 2 and "inside a script" in err
+
+
+# --- keygen -------------------------------------------------------------------------------
+
+
+def test_keygen_writes_a_0600_hex_key(capsys: pytest.CaptureFixture[str], short_dir: Path) -> None:
+    path = short_dir / "src1.key"
+    old_umask = os.umask(0)
+    try:
+        code, _, _ = cli(capsys, "keygen", str(path))
+    finally:
+        os.umask(old_umask)
+    assert code == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    content = path.read_bytes()
+    assert len(content) == 65 and content.endswith(b"\n")
+    assert len(bytes.fromhex(content[:64].decode())) == 32
+
+
+def test_keygen_refuses_to_overwrite_without_force(
+    capsys: pytest.CaptureFixture[str], short_dir: Path
+) -> None:
+    path = short_dir / "k.key"
+    path.write_text("precious\n")
+    path.chmod(0o644)
+    code, _, err = cli(capsys, "keygen", str(path))
+    assert code == 1 and "--force" in err
+    assert path.read_text() == "precious\n"
+    code, _, _ = cli(capsys, "keygen", str(path), "--force")
+    assert code == 0
+    assert path.read_text() != "precious\n" and len(path.read_text()) == 65
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in short_dir.iterdir()) == ["k.key"]  # no temporary left
+
+
+def test_keygen_to_stdout_differs_each_time(capsys: pytest.CaptureFixture[str]) -> None:
+    code, first, _ = cli(capsys, "keygen")
+    _, second, _ = cli(capsys, "keygen")
+    assert code == 0
+    assert len(first) == 65 and first.endswith("\n") and first != second
+    bytes.fromhex(first.strip())
+    _, out, _ = cli(capsys, "--json", "keygen")
+    assert len(json.loads(out)["data"]["key"]) == 64
+
+
+def test_keygen_into_a_missing_directory_fails(
+    capsys: pytest.CaptureFixture[str], short_dir: Path
+) -> None:
+    code, _, err = cli(capsys, "keygen", str(short_dir / "no" / "k.key"))
+    assert code == 1 and "cannot write" in err
