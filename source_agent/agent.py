@@ -82,6 +82,7 @@ class SourceAgent:
             for volume in self.volumes.values():
                 nursery.start_soon(volume.journal.run_flusher, cfg.queue.sync_interval)
                 backing_fd = os.open(volume.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                volume.backing_fd = backing_fd
                 await nursery.start(serve_mount, volume.path, backing_fd, volume)
                 volume.mounted = True
                 log.info("volume mounted", volume=volume.name, path=volume.path)

@@ -27,6 +27,10 @@ class Volume:
         self.path = path
         self.journal = journal
         self.mounted = False
+        #: Descriptor of the directory under the mount, set by the agent before mounting.
+        #: Anything the agent reads of the volume goes through it: touching the mount
+        #: path from the agent's own process would deadlock on its own FUSE server.
+        self.backing_fd: int | None = None
         self._on_journal_failure = on_journal_failure
         # (seq, monotonic time) samples, at most one per 10 ms, for lag_seconds.
         self._sample_seqs: list[int] = []
@@ -84,7 +88,7 @@ class Volume:
 
     def is_empty(self) -> bool:
         try:
-            with os.scandir(self.path) as it:
-                return next(iter(it), None) is None
+            where: int | str = self.backing_fd if self.backing_fd is not None else self.path
+            return not os.listdir(where)
         except OSError:
             return True

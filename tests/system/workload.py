@@ -182,7 +182,9 @@ class Churn:
 
     def _fallocate(self) -> None:
         path = self._file()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        # posix_fallocate: the FUSE mount has no fallocate(2), so glibc's fallback
+        # (read, then write zeros) runs; it needs a readable descriptor.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.posix_fallocate(fd, self.rng.randrange(0, 50_000), self.rng.randrange(1, 50_000))
         finally:
