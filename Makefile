@@ -1,0 +1,57 @@
+# Mirrorline developer entry points.
+#
+#   make test    create .venv if needed, then run the whole test suite
+#   make demo    a source and a target on this host replicating a sample directory
+#   make lint    ruff + mypy --strict
+#   make clean   remove the venv, caches and build output
+#
+# `deps` installs the FUSE system packages (pyfuse3 builds against libfuse3-dev; the
+# source agent mounts with fusermount3) when they are missing and we are root; as
+# another user it only says what to install.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mirrorline-installed
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config
+
+.PHONY: all deps venv test demo lint clean
+
+all: test
+
+deps:
+	@missing=; \
+	command -v fusermount3 >/dev/null 2>&1 || missing=1; \
+	{ command -v pkg-config >/dev/null 2>&1 && pkg-config --exists fuse3; } || missing=1; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "deps: installing $(APT_PACKAGES)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq $(APT_PACKAGES) </dev/null; \
+	else \
+		echo "deps: warning: FUSE packages missing; as root run:" \
+			"apt-get install $(APT_PACKAGES)" >&2; \
+	fi
+
+venv: $(STAMP)
+
+# Re-installs when pyproject.toml changes; `deps` is order-only so it never forces that.
+$(STAMP): pyproject.toml | deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[fuse,dev]'
+	touch $@
+
+test: venv
+	$(BIN)/pytest -q tests
+
+demo: venv
+	bash deploy/demo.sh
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy protocol source_agent target_agent cli tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache build dist demo-run
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -maxdepth 1 -name '*.egg-info' -exec rm -rf {} +
