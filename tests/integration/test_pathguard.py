@@ -166,8 +166,8 @@ def test_open_parents_keeps_both_valid_with_a_tiny_cache(root: Path) -> None:
     os.makedirs(root.joinpath(*deep_b))
     with PathGuard(root, cache_size=1) as g:
         g.open_parent(b"unrelated")
-        (fd_a, _), (fd_b, _) = g.open_parents("/".join(deep_a + ["x"]).encode(),
-                                               "/".join(deep_b + ["y"]).encode())
+        (fd_a, _), (fd_b, _) = g.open_parents("/".join([*deep_a, "x"]).encode(),
+                                               "/".join([*deep_b, "y"]).encode())
         assert _same_inode(fd_a, root.joinpath(*deep_a))
         assert _same_inode(fd_b, root.joinpath(*deep_b))
 
