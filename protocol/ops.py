@@ -270,12 +270,15 @@ def op_from_wire(raw: Any) -> Op:
     Raises:
         ProtocolError: the array is not a known op with well-typed, in-range fields.
     """
-    if not isinstance(raw, (list, tuple)) or not raw:
+    # type() checks, not isinstance: msgpack's ExtType is a tuple and True is an int.
+    if type(raw) is not list or not raw:
         raise ProtocolError("op is not a non-empty array")
     code = raw[0]
-    cls = _BY_CODE.get(code) if isinstance(code, int) else None
+    cls = _BY_CODE.get(code) if type(code) is int else None
     if cls is None:
-        raise ProtocolError(f"unknown op kind {code!r}")
+        # Never repr() peer data: a deeply nested value would raise RecursionError.
+        shown = code if type(code) is int else type(code).__name__
+        raise ProtocolError(f"unknown op kind {shown}")
     spec = _field_types(cls)
     if len(raw) != len(spec) + 1:
         raise ProtocolError(f"{cls.__name__} needs {len(spec)} fields, got {len(raw) - 1}")

@@ -46,6 +46,7 @@ import struct
 from typing import Final
 
 from protocol.errors import AuthenticationError, LocalProtocolError, ProtocolError
+from protocol.ops import check_relative_path
 from protocol.frames import (
     DEFAULT_MAX_FRAME, VERSION, Ack, Auth, Bye, Challenge, CheckResult, Error, Frame,
     FrameDecoder, Hello, Ops, Ping, Pong, TaskResult, Welcome, encode_frame, encode_ops_frame,
@@ -53,6 +54,9 @@ from protocol.frames import (
 
 NONCE_BYTES: Final = 32
 MIN_KEY_BYTES: Final = 32
+#: Frame limit until the handshake is done: an unauthenticated peer cannot make us
+#: buffer or decode more than this.
+HANDSHAKE_MAX_FRAME: Final = 64 * 1024
 
 
 class Role(enum.Enum):
@@ -97,7 +101,8 @@ class Session:
     def __init__(self, role: Role, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.role = role
         self.state = State.START
-        self._decoder = FrameDecoder(max_frame)
+        self._max_frame = max_frame
+        self._decoder = FrameDecoder(min(max_frame, HANDSHAKE_MAX_FRAME))
         self.hello: Hello | None = None
         self._target_nonce = b""
         self._key = b""
@@ -144,6 +149,7 @@ class Session:
         self.welcome = welcome
         self.next_seq = welcome.resume_from
         self.state = State.STREAMING
+        self._decoder.max_frame = self._max_frame
         return encode_frame(welcome)
 
     # -- sending -------------------------------------------------------------------
@@ -190,14 +196,17 @@ class Session:
         """
         if self.state is State.CLOSED:
             return []
+        accepted: list[Frame] = []
         try:
-            frames = self._decoder.feed(data)
-            for frame in frames:
+            for frame in self._decoder.feed(data):
+                if self.state is State.CLOSED:
+                    break   # nothing after BYE/ERROR counts, however the bytes were chunked
                 self._on_frame(frame)
+                accepted.append(frame)
         except ProtocolError:
             self.state = State.CLOSED
             raise
-        return frames
+        return accepted
 
     def _on_frame(self, frame: Frame) -> None:
         if isinstance(frame, Error):
@@ -213,10 +222,11 @@ class Session:
             if not isinstance(frame, Hello) or self.hello is not None:
                 raise ProtocolError(f"expected HELLO, got {type(frame).__name__}")
             if VERSION not in frame.versions:
-                raise ProtocolError(f"no common protocol version in {frame.versions}",
+                raise ProtocolError(f"no common protocol version (we speak {VERSION})",
                                     code="version")
             if len(frame.nonce) != NONCE_BYTES:
                 raise ProtocolError("HELLO nonce must be 32 bytes")
+            check_relative_path(frame.target_path)
             self.hello = frame
         elif self.state is State.CHALLENGE_SENT:
             if not isinstance(frame, Auth):
@@ -260,6 +270,7 @@ class Session:
             if frame.resume_from < 1:
                 raise ProtocolError("WELCOME resume_from must be >= 1")
             self.welcome = frame
+            self._decoder.max_frame = min(self._max_frame, frame.max_frame)
             self.next_seq = frame.resume_from
             self.acked_received = self.acked_durable = frame.resume_from - 1
             self.state = State.STREAMING

@@ -145,7 +145,11 @@ class Sender:
                     node=self.node, conid=conn.id, volume=conn.volume,
                     target_path=conn.target_path.encode(errors="surrogateescape"), key=key,
                     first_seq=first_seq, clear_restore_required=conn.clear_restore_pending))
-                frame = await fs.receive()
+                try:
+                    frame = await fs.receive()
+                except AuthenticationError as exc:
+                    await fs.fail(exc)       # tell the target why, so it logs it too
+                    raise
                 if isinstance(frame, Error):
                     raise RemoteError(frame.code, frame.message)
                 await fs.send_bytes(session.take_auth())

@@ -124,6 +124,10 @@ class TargetAgent:
                                           code="unknown_source")
             await fs.send_bytes(session.challenge(read_key(entry.key_file)))
             auth = await fs.receive()
+            if isinstance(auth, Error):
+                raise AuthenticationError(
+                    f"source {hello.node!r} rejected this target's proof: the key for "
+                    f"{hello.node!r} differs on the two sides (wrong key)")
             if not isinstance(auth, Auth):
                 raise ProtocolError(f"expected AUTH, got {type(auth).__name__}")
         check_relative_path(hello.target_path)

@@ -9,8 +9,19 @@ replace of a small JSON file). So the persisted seq never claims more than is on
 disk. After a crash the source resends from ``applied_seq + 1``; ops between the
 checkpoint and the crash are applied a second time, which is harmless for every
 op kind except rename and link (a replayed ``rename A B`` would move a newer
-``A``) — so the applier checkpoints right after each of those, and they are never
-replayed.
+``A``, a replayed ``unlink B`` before it would delete what the rename put at ``B``,
+a replayed exchange swaps back). So around each rename and link:
+
+1. checkpoint *before* it: the replay window then holds that one op alone;
+2. persist an *intent* (its seq and the inode numbers of its source and
+   destination) in the same state file;
+3. apply it, then checkpoint after it (which clears the intent).
+
+If the target dies between 2 and 3, the op comes again with the intent's seq, and
+the inode numbers tell whether it already happened (the destination now holds
+the source's inode; for an exchange, the source holds the destination's): then it
+is skipped instead of being done twice. A replayed link finds its name already
+pointing at the same inode, which the applier accepts.
 """
 
 from __future__ import annotations
@@ -23,9 +34,10 @@ from typing import Any
 import structlog
 import trio
 
-from protocol.ops import Op
+from protocol.ops import RENAME_EXCHANGE, Op, RenameOp
 from protocol.runtime.statefile import load_json, save_json
 from target_agent.applier import Applier, ApplyError
+from target_agent.pathguard import PathError
 
 log = structlog.get_logger("replica")
 
@@ -47,6 +59,8 @@ class Replica:
     mirror_required: bool = False
     mirror_reason: str = ""
     failed_over: bool = False
+    #: {"seq", "old_ino", "new_ino"} while a rename is being applied (see above).
+    intent: dict[str, Any] | None = None
     # Runtime only.
     state: str = "idle"
     last_error: str = ""
@@ -60,7 +74,7 @@ class Replica:
     applier: Applier | None = None
 
     _PERSISTED = ("node", "conid", "target_path", "applied_seq", "restore_required",
-                  "mirror_required", "mirror_reason", "failed_over")
+                  "mirror_required", "mirror_reason", "failed_over", "intent")
 
     @classmethod
     def load(cls, state_path: str, root: str) -> Replica | None:
@@ -72,7 +86,7 @@ class Replica:
                    restore_required=bool(raw.get("restore_required")),
                    mirror_required=bool(raw.get("mirror_required")),
                    mirror_reason=str(raw.get("mirror_reason", "")),
-                   failed_over=bool(raw.get("failed_over")))
+                   failed_over=bool(raw.get("failed_over")), intent=raw.get("intent"))
 
     @property
     def replica_path(self) -> str:
@@ -120,18 +134,54 @@ class Replica:
                 if seq <= self.applied_seq:   # duplicate after a reconnect: skip
                     done += 1
                     continue
-                applier.apply(op)
+                if applier.needs_checkpoint(op):
+                    self._apply_guarded(seq, op)
+                else:
+                    applier.apply(op)
+                    self._pending_seq = seq
                 done += 1
                 self.ops_applied += 1
-                self._pending_seq = seq
-                if applier.needs_checkpoint(op):
-                    self.checkpoint()
         finally:
             if done:
                 self.checkpoint()
         return done
 
     _pending_seq: int = 0
+
+    def _apply_guarded(self, seq: int, op: Op) -> None:
+        """Apply a rename or link so that a crash can never make it run twice."""
+        assert self.applier is not None
+        self.checkpoint()
+        if isinstance(op, RenameOp):
+            if self.intent and self.intent.get("seq") == seq and self._rename_done(op):
+                log.info("replayed rename was already applied; skipped", seq=seq,
+                         node=self.node, conid=self.conid)
+            else:
+                self.intent = {"seq": seq, "old_ino": self._ino(op.old),
+                               "new_ino": self._ino(op.new)}
+                self.save()
+                self.applier.apply(op)
+        else:
+            self.applier.apply(op)
+        self._pending_seq = seq
+        self.checkpoint()
+
+    def _ino(self, path: bytes) -> int | None:
+        assert self.applier is not None
+        try:
+            parent_fd, name = self.applier.guard.open_parent(path)
+            return os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_ino
+        except (OSError, PathError):
+            return None
+
+    def _rename_done(self, op: RenameOp) -> bool:
+        assert self.intent is not None
+        old_ino, new_ino = self.intent.get("old_ino"), self.intent.get("new_ino")
+        if old_ino is None:
+            return False
+        if op.flags & RENAME_EXCHANGE:
+            return new_ino is not None and self._ino(op.old) == new_ino
+        return self._ino(op.new) == old_ino and self._ino(op.old) != old_ino
 
     def checkpoint(self) -> None:
         """fsync what was applied, then persist the applied seq (DESIGN §5)."""
@@ -140,6 +190,7 @@ class Replica:
         assert self.applier is not None
         self.applier.sync()
         self.applied_seq = self._pending_seq
+        self.intent = None
         self.save()
         self.last_checkpoint = time.time()
 

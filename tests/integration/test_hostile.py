@@ -32,7 +32,7 @@ def setup(tmp_path: Path) -> tuple[TargetAgent, int, bytes, Path, Path]:
                                            root=str(tmp_path / "rep"))])
     agent = TargetAgent(cfg)
     agent.open()
-    return agent, port, key, tmp_path / "rep" / "src" / "d", outside
+    return agent, port, key, tmp_path / "rep" / "d", outside
 
 
 async def _connect(port: int, key: bytes, conid: int = 1) -> tuple[FrameStream, Welcome]:

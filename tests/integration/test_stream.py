@@ -71,7 +71,7 @@ async def test_ops_arrive_in_order_and_are_acked(tmp_path: Path) -> None:
             volume.record(RenameOp(b"b", b"dir/b", 0))
             last = volume.record(UnlinkOp(b"dir/b"))
             await _wait_acked(conn, last)
-            replica = tmp_path / "rep" / "src" / "d"
+            replica = tmp_path / "rep" / "d"
             data = (replica / "dir" / "a").read_bytes()
             assert data == b"".join(bytes([i % 256]) * 512 for i in range(2000))
             assert not (replica / "dir" / "b").exists()
