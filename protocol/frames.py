@@ -78,6 +78,8 @@ class Welcome(Frame):
     task_processing: bool = True
     max_frame: int = DEFAULT_MAX_FRAME
     message: str = ""
+    #: Runnable task names in the target's task_dir, so the source can refuse at queue time.
+    tasks: list[str] = []
 
 
 class Ops(Frame):
@@ -111,8 +113,12 @@ class Ping(Frame):
 
 
 class Pong(Frame):
+    """Keepalive answer; the target also refreshes its task settings here."""
+
     TYPE: ClassVar[int] = 8
     nonce: int
+    task_processing: bool | None = None
+    tasks: list[str] | None = None
 
 
 class Error(Frame):

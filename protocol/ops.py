@@ -219,10 +219,15 @@ class FallocateOp(Op):
 
 @dataclass(frozen=True, slots=True)
 class TaskOp(Op):
-    """A task inserted in the stream (DESIGN §6). ``timeout`` < 0 means forever."""
+    """A task inserted in the stream (DESIGN §6). ``timeout`` < 0 means forever.
+
+    The journal is shared by every connection of a volume, so a task names the one
+    connection it belongs to; the others pass over it.
+    """
 
     CODE: ClassVar[int] = 32
     task_id: str
+    conid: int
     name: str
     args: list[str]
     trigger: str
@@ -338,6 +343,8 @@ def _check_op(op: Op) -> None:
             raise ProtocolError(f"unknown task trigger {op.trigger!r}")
         if not all(isinstance(a, str) for a in op.args):
             raise ProtocolError("task arguments must be strings")
+        if not 0 < len(op.task_id) <= 64 or not 0 < len(op.name) <= 255 or len(op.args) > 256:
+            raise ProtocolError("task id, name or arguments out of bounds")
 
 
 def check_relative_path(path: bytes) -> None:

@@ -46,11 +46,27 @@ import struct
 from typing import Final
 
 from protocol.errors import AuthenticationError, LocalProtocolError, ProtocolError
-from protocol.ops import check_relative_path
 from protocol.frames import (
-    DEFAULT_MAX_FRAME, VERSION, Ack, Auth, Bye, Challenge, CheckResult, Error, Frame,
-    FrameDecoder, Hello, Ops, Ping, Pong, TaskResult, Welcome, encode_frame, encode_ops_frame,
+    DEFAULT_MAX_FRAME,
+    VERSION,
+    Ack,
+    Auth,
+    Bye,
+    Challenge,
+    CheckResult,
+    Error,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Ops,
+    Ping,
+    Pong,
+    TaskResult,
+    Welcome,
+    encode_frame,
+    encode_ops_frame,
 )
+from protocol.ops import check_relative_path
 
 NONCE_BYTES: Final = 32
 MIN_KEY_BYTES: Final = 32

@@ -14,10 +14,12 @@ from protocol.control import Exit, Request, Result, failed, ok
 from protocol.keys import KeyFileError, read_key
 from protocol.runtime.control import Emit, serve_control
 from protocol.runtime.sdnotify import notify, watchdog_interval
+from protocol.runtime.taskrun import TaskStore
 from source_agent.config import SourceConfig, parse_host_port
 from source_agent.journal import Journal
 from source_agent.registry import Connection, Registry
 from source_agent.sender import Sender
+from source_agent.tasks import SourceTasks
 from source_agent.volume import Volume
 
 log = structlog.get_logger("source")
@@ -33,6 +35,9 @@ class SourceAgent:
         self.senders: dict[int, tuple[Sender, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
         self.started_at = time.time()
+        self.task_store = TaskStore(os.path.join(config.state_dir, "tasks.json"))
+        self.tasks = SourceTasks(self.task_store, self.registry, self.volumes, config.task_dir,
+                                 config.node)
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -62,6 +67,9 @@ class SourceAgent:
                             "the source agent stopped uncleanly; ops after the last durable "
                             "journal point may be missing")
         self.registry.save()
+        for record in self.task_store.load():
+            log.warning("task was interrupted by a stop of the agent; it will not be re-run",
+                        task_id=record.id, conid=record.conid, task=record.name)
 
     def _journal_failed(self, volume: str, reason: str) -> None:
         for conn in self.registry.connections.values():
@@ -76,6 +84,7 @@ class SourceAgent:
         cfg = self.config
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.tasks.nursery = nursery
             await nursery.start(lambda task_status: serve_control(
                 cfg.control_socket, self.handle, allowed_uids=set(cfg.control_uids),
                 allowed_gids=set(cfg.control_gids), task_status=task_status))
@@ -101,7 +110,7 @@ class SourceAgent:
         assert self._nursery is not None
         sender = Sender(conn, self.volumes[conn.volume], node=self.config.node,
                         on_change=self._conn_changed, batch_bytes=self.config.batch_bytes,
-                        window_bytes=self.config.window_bytes)
+                        window_bytes=self.config.window_bytes, tasks=self.tasks)
         scope = trio.CancelScope()
 
         async def run() -> None:
@@ -192,6 +201,8 @@ class SourceAgent:
             "queue_ops": max(journal.last_seq - c.acked_seq, 0), "queue_bytes": queue_bytes,
             "lag_seconds": volume.lag_seconds(c.acked_seq), "bytes_sent": c.bytes_sent,
             "last_error": c.last_error,
+            "target_task_processing": c.target_task_processing,
+            "last_task": last.public() if (last := self.task_store.last(c.id)) else None,
         }
 
     async def cmd_replication_start(self, args: dict[str, Any], emit: Emit) -> Result:
@@ -286,6 +297,20 @@ class SourceAgent:
             log.info("connection removed", conid=conn.id)
         return ok(f"disconnected {_ids([c.id for c in conns])}",
                   disconnected=[c.id for c in conns])
+
+    async def cmd_queuetask(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        if not conns:
+            return failed("no connections to queue the task on")
+        return await self.tasks.queue(conns, args)
+
+    async def cmd_tasks(self, args: dict[str, Any], emit: Emit) -> Result:
+        return self.tasks.list(args.get("conid"))
+
+    async def cmd_taskprocessing(self, args: dict[str, Any], emit: Emit) -> Result:
+        return await self.tasks.set_processing(bool(args.get("enabled")))
 
     async def cmd_wait_queue(self, args: dict[str, Any], emit: Emit) -> Result:
         conns = self._select(args)

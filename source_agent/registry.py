@@ -45,6 +45,9 @@ class Connection:
     target_node: str = field(default="", metadata={"runtime": True})
     bytes_sent: int = field(default=0, metadata={"runtime": True})
     connected_since: float | None = field(default=None, metadata={"runtime": True})
+    #: What the target said about tasks at the last handshake/keepalive (None: unknown).
+    target_task_processing: bool | None = field(default=None, metadata={"runtime": True})
+    target_tasks: list[str] | None = field(default=None, metadata={"runtime": True})
     changed: trio.Event = field(default_factory=trio.Event, metadata={"runtime": True})
     acked: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot,
                                             metadata={"runtime": True})

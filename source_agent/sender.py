@@ -33,6 +33,7 @@ from protocol.session import Role, Session
 from source_agent.config import parse_host_port
 from source_agent.journal import JournalGapError
 from source_agent.registry import Connection
+from source_agent.tasks import SourceTasks, is_encoded_task
 from source_agent.volume import Volume
 
 log = structlog.get_logger("sender")
@@ -68,7 +69,7 @@ class Sender:
 
     def __init__(self, conn: Connection, volume: Volume, *, node: str,
                  on_change: Callable[[bool], None], batch_bytes: int,
-                 window_bytes: int) -> None:
+                 window_bytes: int, tasks: SourceTasks | None = None) -> None:
         self.conn = conn
         self.volume = volume
         self.node = node
@@ -76,7 +77,7 @@ class Sender:
         self.batch_bytes = batch_bytes
         self.window_bytes = window_bytes
         self._session_scope: trio.CancelScope | None = None
-        self.task_results: deque[TaskResult] = deque(maxlen=100)
+        self.tasks = tasks
 
     def restart_session(self) -> None:
         """Drop the current session (e.g. after replication stop); the loop decides next."""
@@ -165,6 +166,8 @@ class Sender:
         conn = self.conn
         journal = self.volume.journal
         conn.target_node = welcome.node
+        conn.target_task_processing = welcome.task_processing
+        conn.target_tasks = list(welcome.tasks)
         if conn.clear_restore_pending:
             conn.clear_restore_pending = False
             self.on_change(True)
@@ -214,6 +217,11 @@ class Sender:
                     raise PermanentError(str(exc)) from exc
                 size = sum(len(b) for b in batch)
                 await fs.send_bytes(fs.session.send_encoded_ops(seq, batch))
+                if self.tasks is not None:
+                    for i, encoded in enumerate(batch):
+                        if is_encoded_task(encoded):
+                            # ontransmit: runs once sent; later ops wait (up to its timeout).
+                            await self.tasks.on_transmit(conn, seq + i, encoded)
                 seq += len(batch)
                 conn.sent_seq = seq - 1
                 conn.bytes_sent += size
@@ -242,9 +250,13 @@ class Sender:
                 elif isinstance(frame, Ping):
                     await fs.send(Pong(nonce=frame.nonce))
                 elif isinstance(frame, TaskResult):
-                    self.task_results.append(frame)
+                    if self.tasks is not None:
+                        self.tasks.on_result(conn, frame)
                 elif isinstance(frame, Pong):
-                    pass
+                    if frame.task_processing is not None:
+                        conn.target_task_processing = frame.task_processing
+                    if frame.tasks is not None:
+                        conn.target_tasks = list(frame.tasks)
 
         async def pinger() -> None:
             nonce = 0

@@ -22,13 +22,22 @@ import trio
 
 from protocol.control import Exit, Request, Result, failed, ok
 from protocol.errors import AuthenticationError, ProtocolError
-from protocol.frames import Ack, Auth, Bye, Error, Hello, Ops, Ping, Pong, Welcome
+from protocol.frames import Ack, Auth, Bye, Error, Hello, Ops, Ping, Pong, TaskResult, Welcome
 from protocol.keys import KeyFileError, read_key
-from protocol.ops import check_relative_path
+from protocol.ops import Op, TaskOp, check_relative_path
 from protocol.runtime.control import Emit, serve_control
 from protocol.runtime.groups import single_error
 from protocol.runtime.sdnotify import notify, watchdog_interval
+from protocol.runtime.statefile import load_json, save_json
 from protocol.runtime.stream import FrameStream, LinkError
+from protocol.runtime.taskrun import (
+    TaskRecord,
+    TaskRefusedError,
+    TaskStore,
+    check_task,
+    list_tasks,
+    run_with_timeout,
+)
 from protocol.session import Role, Session
 from target_agent.applier import ApplyError
 from target_agent.config import SourceEntry, TargetConfig
@@ -50,6 +59,13 @@ class TargetAgent:
         self.replicas: dict[tuple[str, int], Replica] = {}
         self.started_at = time.time()
         self.refused_sessions = 0
+        self.tasks = TaskStore(os.path.join(config.state_dir, "tasks.json"))
+        self.settings_path = os.path.join(config.state_dir, "settings.json")
+        self.task_processing = True
+        self._task_nursery: trio.Nursery | None = None
+        # Frames to push to a replica's source while it has a session (task results,
+        # task-setting changes).
+        self._results: dict[tuple[str, int], trio.MemorySendChannel[TaskResult | Pong]] = {}
 
     def open(self) -> None:
         """Load every replica's persisted state."""
@@ -66,12 +82,20 @@ class TargetAgent:
                     if entry is None:
                         replica.state = "unconfigured"
                     self.replicas[(node, replica.conid)] = replica
-        log.info("target state loaded", replicas=len(self.replicas))
+        settings = load_json(self.settings_path) or {}
+        self.task_processing = bool(settings.get("task_processing", True))
+        for record in self.tasks.load():
+            log.warning("task was interrupted by a stop of the agent; it will not be re-run",
+                        task_id=record.id, source=record.source, conid=record.conid,
+                        seq=record.seq, task=record.name)
+        log.info("target state loaded", replicas=len(self.replicas),
+                 task_processing=self.task_processing)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         host, _, port = cfg.listen.rpartition(":")
         async with trio.open_nursery() as nursery:
+            self._task_nursery = nursery
             await nursery.start(lambda task_status: serve_control(
                 cfg.control_socket, self.handle, allowed_uids=set(cfg.control_uids),
                 allowed_gids=set(cfg.control_gids), task_status=task_status))
@@ -193,7 +217,8 @@ class TargetAgent:
             return None
         await fs.send_bytes(fs.session.accept(Welcome(
             node=self.config.node, resume_from=resume, restore_required=False,
-            mirror_required=replica.mirror_required, message=message)))
+            mirror_required=replica.mirror_required, message=message,
+            task_processing=self.task_processing, tasks=list_tasks(self.config.task_dir))))
         if resume > replica.applied_seq + 1:
             # Nothing before resume will come: treat it as applied (the gap is flagged).
             replica.applied_seq = resume - 1
@@ -217,9 +242,15 @@ class TargetAgent:
                         raise LinkError(f"no frame from the source for {IDLE_TIMEOUT:.0f} s")
                     if isinstance(frame, Ops):
                         replica.received_seq = frame.last_seq
+                        for i, op in enumerate(frame.ops):
+                            if self._is_task(op, replica, "receive"):
+                                # onreceive: runs on arrival; later ops wait (up to timeout).
+                                await self._run_target_task(replica, frame.first_seq + i, op)
                         await send_channel.send(frame)
                     elif isinstance(frame, Ping):
-                        await fs.send(Pong(nonce=frame.nonce))
+                        await fs.send(Pong(nonce=frame.nonce,
+                                           task_processing=self.task_processing,
+                                           tasks=list_tasks(self.config.task_dir)))
                     elif isinstance(frame, (Bye, Error)):
                         reason = frame.reason if isinstance(frame, Bye) else frame.message
                         raise LinkError(f"source ended the session: {reason}")
@@ -238,21 +269,36 @@ class TargetAgent:
                         size += sum(op.wire_size() for op in more.ops)
                     ops = [op for b in batches for op in b.ops]
                     try:
-                        await replica.apply_with_retry(batches[0].first_seq, ops)
+                        await self._apply_with_tasks(replica, batches[0].first_seq, ops)
                     except ApplyError as exc:
                         raise ProtocolError(f"refused op: {exc}", code="apply") from exc
                     replica.bytes_applied += size
                     await fs.send(Ack(received=batches[-1].last_seq,
                                       durable=replica.applied_seq))
 
+        results_in, results_out = trio.open_memory_channel[TaskResult | Pong](256)
+
+        async def result_sender() -> None:
+            async for result in results_out:
+                await fs.send(result)
+
+        key = (replica.node, replica.conid)
+        # Results the source may have missed (its session dropped, or it restarted).
+        for record in self.tasks.recent(replica.conid, limit=20):
+            if record.source == replica.node and record.side == "target":
+                results_in.send_nowait(_result_frame(record))
         with trio.CancelScope() as scope:
             replica.session_scope = scope
+            self._results[key] = results_in
             try:
                 with single_error():
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(receiver)
                         nursery.start_soon(applier)
+                        nursery.start_soon(result_sender)
             finally:
+                if self._results.get(key) is results_in:
+                    del self._results[key]
                 replica.session_scope = None
                 if replica.state == "replicating":
                     replica.state = "idle"
@@ -261,6 +307,71 @@ class TargetAgent:
                 replica.lock.release()
         if scope.cancelled_caught:
             bound.info("session replaced or stopped")
+
+    # -- tasks ------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_task(op: Op, replica: Replica, trigger: str) -> bool:
+        return isinstance(op, TaskOp) and op.conid == replica.conid and op.trigger == trigger
+
+    async def _apply_with_tasks(self, replica: Replica, first_seq: int, ops: list[Op]) -> None:
+        """Apply ops in order; an ``execute`` task runs after everything before it is
+        applied and durable, and the ops after it wait for it (DESIGN §6)."""
+        start = 0
+        for i, op in enumerate(ops):
+            if self._is_task(op, replica, "execute") and first_seq + i > replica.applied_seq:
+                if i > start:
+                    await replica.apply_with_retry(first_seq + start, ops[start:i])
+                assert isinstance(op, TaskOp)
+                await self._run_target_task(replica, first_seq + i, op)
+                start = i
+        await replica.apply_with_retry(first_seq + start, ops[start:])
+
+    async def _run_target_task(self, replica: Replica, seq: int, op: TaskOp) -> None:
+        """Run a target-side task at most once and report its result to the source."""
+        assert self._task_nursery is not None
+        existing = self.tasks.get(op.task_id)
+        if existing is not None:
+            # Seen before (a resend after a reconnect or a restart): never run twice.
+            if not existing.final and existing.state == "running":
+                limit = float("inf") if existing.timeout < 0 else existing.timeout
+                with trio.move_on_after(limit):
+                    await self.tasks.wait_final(op.task_id)
+            self._report(existing)
+            return
+        record = TaskRecord(id=op.task_id, conid=op.conid, source=replica.node, seq=seq,
+                            name=op.name, args=list(op.args), trigger=op.trigger,
+                            timeout=op.timeout, side="target")
+        try:
+            if not self.task_processing:
+                raise TaskRefusedError(
+                    f"task processing is disabled on target {self.config.node}; enable it "
+                    f"there with `mirrorline --socket {self.config.control_socket} "
+                    f"taskprocessing enable`")
+            path = check_task(self.config.task_dir, op.name)
+        except TaskRefusedError as exc:
+            record.state = "refused"
+            record.message = str(exc)
+            record.ended = time.time()
+            await trio.to_thread.run_sync(self.tasks.put, record)
+            log.warning("task refused", task_id=op.task_id, source=replica.node,
+                        conid=op.conid, seq=seq, reason=str(exc))
+            self._report(record)
+            return
+        env = {"MIRRORLINE_CONID": str(op.conid), "MIRRORLINE_SOURCE": replica.node,
+               "MIRRORLINE_SEQ": str(seq), "MIRRORLINE_TASK_ID": op.task_id,
+               "MIRRORLINE_TARGET_PATH": os.path.abspath(replica.replica_path),
+               "MIRRORLINE_TRIGGER": op.trigger}
+        await run_with_timeout(self._task_nursery, record, path, cwd=replica.replica_path,
+                               env=env, store=self.tasks, on_update=self._report)
+
+    def _report(self, record: TaskRecord) -> None:
+        channel = self._results.get((record.source, record.conid))
+        if channel is not None:
+            try:
+                channel.send_nowait(_result_frame(record))
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass   # sent again at the next session start
 
     # -- control ----------------------------------------------------------------------
 
@@ -284,10 +395,36 @@ class TargetAgent:
             reps = self._select(args.get("conid"))
         except (TypeError, ValueError):
             return failed(f"bad connection id {args.get('conid')!r}", Exit.USAGE)
+        conns = []
+        for r in reps:
+            last = self.tasks.last(r.conid, r.node)
+            conns.append({**r.status(), "last_task": last.public() if last else None})
         return ok("", role="target", node=self.config.node, listen=self.config.listen,
                   uptime_seconds=round(time.time() - self.started_at, 1),
                   refused_sessions=self.refused_sessions,
-                  connections=[r.status() for r in reps])
+                  task_processing=self.task_processing,
+                  tasks_available=list_tasks(self.config.task_dir), connections=conns)
+
+    async def cmd_tasks(self, args: dict[str, Any], emit: Emit) -> Result:
+        conid = args.get("conid")
+        records = self.tasks.recent(None if conid in (None, "*") else int(conid))
+        return ok("", tasks=[r.public() for r in records])
+
+    async def cmd_taskprocessing(self, args: dict[str, Any], emit: Emit) -> Result:
+        self.task_processing = bool(args.get("enabled"))
+        await trio.to_thread.run_sync(save_json, self.settings_path,
+                                      {"task_processing": self.task_processing})
+        word = "enabled" if self.task_processing else "disabled"
+        log.info(f"task processing {word}")
+        update = Pong(nonce=0, task_processing=self.task_processing,
+                      tasks=list_tasks(self.config.task_dir))
+        for channel in self._results.values():   # sources learn it now, not at the next ping
+            try:
+                channel.send_nowait(update)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        return ok(f"task processing {word} on target {self.config.node}",
+                  task_processing=self.task_processing)
 
     async def cmd_failover(self, args: dict[str, Any], emit: Emit) -> Result:
         source = str(args.get("source", ""))
@@ -312,6 +449,12 @@ class TargetAgent:
                   failed_over=[{"source": r.node, "id": r.conid,
                                 "applied_seq": r.applied_seq,
                                 "replica_path": r.replica_path} for r in reps])
+
+
+def _result_frame(record: TaskRecord) -> TaskResult:
+    return TaskResult(task_id=record.id, seq=record.seq, state=record.state,
+                      exit_code=record.exit_code, output=record.output,
+                      started=record.started, ended=record.ended, message=record.message)
 
 
 def _make_replica_dir(root: str, target_path: str) -> None:

@@ -16,7 +16,16 @@ from typing import Any
 import structlog
 import trio
 
-from protocol.control import MAX_LINE, ControlError, Exit, Request, Result, decode_request, encode, failed
+from protocol.control import (
+    MAX_LINE,
+    ControlError,
+    Exit,
+    Request,
+    Result,
+    decode_request,
+    encode,
+    failed,
+)
 
 log = structlog.get_logger("control")
 

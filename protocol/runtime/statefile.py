@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Any
 
 
@@ -33,7 +34,8 @@ def save_json(path: str, value: dict[str, Any]) -> None:
     """Replace ``path`` with ``value`` so that a crash leaves the old or the new file."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp"
+    # A temp name of its own per writer, so two concurrent saves cannot trip on each other.
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, json.dumps(value, indent=1, sort_keys=True).encode() + b"\n")

@@ -586,7 +586,7 @@ def test_entry_ops_set_owner_and_mtime(src: Source, app: Applier, dst: Path) -> 
 
 
 def test_task_and_note_ops_do_nothing(app: Applier, dst: Path) -> None:
-    app.apply(TaskOp("t1", "snap", ["a"], "execute", 0.0))
+    app.apply(TaskOp("t1", 1, "snap", ["a"], "execute", 0.0))
     app.apply(NoteOp("mirror required"))
     assert os.listdir(dst) == []
 
