@@ -320,10 +320,18 @@ def tasks_result(*tasks: dict[str, Any]) -> dict[str, Any]:
     return result({"tasks": list(tasks)})
 
 
-def task(state: str, exit_code: int | None = None, task_id: str = "t-9",
-         output: str = "") -> dict[str, Any]:
-    return {"id": task_id, "conid": 3, "seq": 1234, "name": "snapshot", "args": [],
-            "trigger": "execute", "state": state, "exit_code": exit_code, "output": output}
+FINAL = ("done", "failed", "timed-out", "interrupted", "refused")
+
+
+def task(state: str, exit_code: int | None = None, task_id: str = "t-9", output: str = "",
+         message: str = "", ended: float | None = None) -> dict[str, Any]:
+    """A task record as `mirrorline --json tasks` lists it."""
+    if ended is None and state in FINAL:
+        ended = 1700000000.0
+    return {"id": task_id, "conid": 3, "source": "src1", "seq": 1234, "name": "snapshot",
+            "args": [], "trigger": "execute", "timeout": -1.0, "side": "target",
+            "state": state, "exit_code": exit_code, "output": output, "message": message,
+            "queued": 1699999999.0, "started": 1699999999.5, "ended": ended}
 
 
 QUEUED_OK = {"rc": 0, "result": result({"task_id": "t-9", "conid": 3})}
@@ -413,11 +421,12 @@ def test_backup_passes_trigger_and_task_timeout(harness: Harness) -> None:
 @pytest.mark.parametrize(("final", "expected"), [
     (task("done", 0), 0),
     (task("failed", 7, output="disk full"), 7),
-    (task("failed", -9), 137),
-    (task("refused"), 1),
+    (task("failed", 300), 1),
+    (task("failed", -9), 1),
+    (task("refused", message="task processing is disabled on the target"), 1),
     (task("interrupted"), 1),
-    (task("timed-out"), 1),
-], ids=["done", "exit7", "signal", "refused", "interrupted", "timed-out"])
+    (task("timed-out", 0), 1),
+], ids=["done", "exit7", "exit300", "signal", "refused", "interrupted", "timed-out"])
 def test_backup_exit_mirrors_the_task(harness: Harness, final: dict[str, Any],
                                       expected: int) -> None:
     other = task("done", 0, task_id="t-8")  # another task on the connection: not ours
@@ -429,6 +438,26 @@ def test_backup_exit_mirrors_the_task(harness: Harness, final: dict[str, Any],
     assert final["state"] in proc.stdout
     if final["output"]:
         assert final["output"] in proc.stderr
+    if final["message"]:
+        assert final["message"] in proc.stdout
+
+
+def test_backup_waits_for_a_timed_out_task_to_end(harness: Harness) -> None:
+    """timed-out means op processing stopped waiting; the task's result comes later."""
+    running_on = {**task("timed-out"), "ended": None}
+    harness.configure(QUEUED_OK, [tasks_result(task("running")), tasks_result(running_on),
+                                  tasks_result(running_on), tasks_result(task("timed-out", 0))])
+    proc = harness.run()
+    assert proc.returncode == 1, proc.stderr
+    assert harness.steps() == ["stop", "queuetask", "start"] + ["tasks"] * 4
+    assert "timed-out, exit code 0" in proc.stdout
+
+
+def test_backup_keeps_polling_while_the_task_is_not_listed(harness: Harness) -> None:
+    harness.configure(QUEUED_OK, [tasks_result(), tasks_result(task("failed", 7))])
+    proc = harness.run()
+    assert proc.returncode == 7
+    assert harness.steps() == ["stop", "queuetask", "start", "tasks", "tasks"]
 
 
 def test_backup_refused_at_queue_time_still_restarts(harness: Harness) -> None:
