@@ -59,7 +59,7 @@ SYNOPSIS: Final[dict[str, tuple[str, ...]]] = {
     "verify": ("verify <conid>|* [remirror] [--wait [--timeout S]]",),
     "orphans": (
         "orphans list|remove <conid> [olderthan=<days>]",
-        "orphans move <conid> to=<dir> [olderthan=<days>]",
+        "orphans move <conid> [olderthan=<days>]   (to the target's holding area)",
     ),
     "restore": ("restore <conid> [--wait [--timeout S]]",),
     "queuetask": (
@@ -618,8 +618,6 @@ def _parse_orphans(words: _Words) -> Command:
             to = value
         else:
             raise words.error(f"unexpected {word!r}")
-    if action == "move" and to is None:
-        raise words.error("orphans move needs to=<dir>")
     return _remote(
         "orphans", {"action": action, "conid": conid, "older_than_days": older_than, "to": to}
     )

@@ -245,10 +245,70 @@ class NoteOp(Op):
     note: str
 
 
+#: Entry kinds named by PrepareOp and CheckOp.
+ENTRY_KINDS: Final = ("file", "dir", "symlink", "fifo", "none", "moveout")
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareOp(Op):
+    """Mirror: make ``path`` ready to become an entry of kind ``entry``.
+
+    If something of another kind is there (or a regular file with other hard links,
+    for kind "file"), it is removed — a directory with everything in it. User xattrs
+    not named in ``keep_xattrs`` are removed from what stays. Kind "none" removes
+    whatever is at ``path``; "moveout" moves it to the target's orphan holding area.
+    """
+
+    CODE: ClassVar[int] = 17
+    path: bytes
+    entry: str
+    keep_xattrs: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckOp(Op):
+    """Mirror/verify: compare ``path`` on the target with the source *at this point*.
+
+    ``meta`` = [mode, uid, gid, size, mtime_ns] of the source entry. For files with
+    ``hashes``, block ``i`` of ``block_size`` bytes from ``offset`` must hash (xxh3-64)
+    to ``hashes[i]``. For directories, ``names`` lists the source entries in the
+    sorted name range (``lo``, ``hi``] of this check, so extra target names in that
+    range are orphans. The target answers with a CHECK_RESULT naming what differs.
+    """
+
+    CODE: ClassVar[int] = 34
+    job: str
+    path: bytes
+    entry: str
+    meta: list[int]
+    link: bytes
+    xattrs: bytes
+    offset: int
+    block_size: int
+    hashes: list[bytes]
+    names: list[bytes]
+    lo: bytes
+    hi: bytes
+    flags: int
+
+    def paths(self) -> tuple[bytes, ...]:
+        return () if self.path == b"." else (self.path,)
+
+    def wire_size(self) -> int:
+        return 96 + len(self.path) + 8 * len(self.hashes) + sum(len(n) + 2 for n in self.names)
+
+
+#: CheckOp flags.
+CHECK_NEWER: Final = 1      # the target's copy wins if its mtime is newer
+CHECK_DIFFERENT: Final = 2  # compare size and mtime only (no hashes)
+CHECK_LAST_RANGE: Final = 4 # last range of the file: also compare size and metadata
+CHECK_ORPHANS: Final = 8    # report extra names in a directory
+
+
 OP_TYPES: Final[tuple[type[Op], ...]] = (
     WriteOp, TruncateOp, CreateOp, MknodOp, MkdirOp, UnlinkOp, RmdirOp, RenameOp,
     LinkOp, SymlinkOp, ChmodOp, ChownOp, UtimensOp, SetxattrOp, RemovexattrOp,
-    FallocateOp, TaskOp, NoteOp,
+    FallocateOp, TaskOp, NoteOp, PrepareOp, CheckOp,
 )
 _BY_CODE: Final[dict[int, type[Op]]] = {t.CODE: t for t in OP_TYPES}
 _KIND_NAMES: Final[dict[type[Op], str]] = {
@@ -258,7 +318,7 @@ _KIND_NAMES: Final[dict[type[Op], str]] = {
 _FIELD_TYPES: Final[dict[type[Op], tuple[tuple[str, type], ...]]] = {}
 
 _TYPE_OF: Final[dict[str, type]] = {"bytes": bytes, "int": int, "str": str, "float": float,
-                                    "list[str]": list}
+                                    "list[str]": list, "list[bytes]": list, "list[int]": list}
 
 
 def _field_types(cls: type[Op]) -> tuple[tuple[str, type], ...]:
@@ -315,7 +375,7 @@ _S64 = 1 << 63
 def _check_op(op: Op) -> None:
     for path in op.paths():
         check_relative_path(path)
-    for name in ("offset", "size", "length"):
+    for name in ("offset", "size", "length", "block_size"):
         if hasattr(op, name):
             _check_int(op, name, 0, _S64 - 1)
     for name in ("uid", "gid"):
@@ -338,6 +398,26 @@ def _check_op(op: Op) -> None:
             raise ProtocolError("xattr name is empty, too long or holds NUL")
     if isinstance(op, SetxattrOp) and len(op.value) > MAX_XATTR_VALUE:
         raise ProtocolError("xattr value is too long")
+    if isinstance(op, PrepareOp):
+        if op.entry not in ENTRY_KINDS:
+            raise ProtocolError(f"unknown entry kind {op.entry!r}")
+        if not all(type(n) is bytes and n for n in op.keep_xattrs):
+            raise ProtocolError("keep_xattrs must be non-empty byte strings")
+    if isinstance(op, CheckOp):
+        if op.entry not in ENTRY_KINDS[:4]:
+            raise ProtocolError(f"unknown entry kind {op.entry!r}")
+        if len(op.meta) != 5 or not all(type(v) is int for v in op.meta):
+            raise ProtocolError("check meta must be 5 integers")
+        if not all(type(h) is bytes and len(h) == 8 for h in op.hashes):
+            raise ProtocolError("check hashes must be 8-byte strings")
+        if not 0 < op.block_size <= 1 << 24 or op.offset < 0:
+            raise ProtocolError("check block size or offset out of range")
+        for name in op.names:
+            if type(name) is not bytes or not name or b"/" in name or b"\0" in name \
+                    or name in (b".", b".."):
+                raise ProtocolError("check names must be plain entry names")
+        if op.path != b".":
+            check_relative_path(op.path)
     if isinstance(op, TaskOp):
         if op.trigger not in TASK_TRIGGERS:
             raise ProtocolError(f"unknown task trigger {op.trigger!r}")

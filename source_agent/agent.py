@@ -11,12 +11,14 @@ import structlog
 import trio
 
 from protocol.control import Exit, Request, Result, failed, ok
+from protocol.frames import CheckResult
 from protocol.keys import KeyFileError, read_key
 from protocol.runtime.control import Emit, serve_control
 from protocol.runtime.sdnotify import notify, watchdog_interval
 from protocol.runtime.taskrun import TaskStore
 from source_agent.config import SourceConfig, parse_host_port
 from source_agent.journal import Journal
+from source_agent.mirror import MirrorJob
 from source_agent.registry import Connection, Registry
 from source_agent.sender import Sender
 from source_agent.tasks import SourceTasks
@@ -38,6 +40,8 @@ class SourceAgent:
         self.task_store = TaskStore(os.path.join(config.state_dir, "tasks.json"))
         self.tasks = SourceTasks(self.task_store, self.registry, self.volumes, config.task_dir,
                                  config.node)
+        #: The current or last mirror/verify/orphans job of each connection.
+        self.jobs: dict[int, MirrorJob] = {}
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -60,12 +64,22 @@ class SourceAgent:
         # One volume per process (see config), so one last_seq for all connections.
         self.registry.load(max(last.values(), default=0), empty)
         for name, volume in self.volumes.items():
-            if volume.journal.recovery and not volume.journal.recovery.clean:
+            recovery = volume.journal.recovery
+            if recovery and not recovery.clean:
+                # Ops after the last durable journal point may be lost; they were made
+                # after the last fsync, which is at most one sync interval before the last
+                # write reached the segment (5 s of margin for clocks and slow disks).
+                since = recovery.last_write - self.config.queue.sync_interval - 5.0
                 for conn in self.registry.connections.values():
-                    if conn.volume == name:
-                        conn.mark_mirror_required(
-                            "the source agent stopped uncleanly; ops after the last durable "
-                            "journal point may be missing")
+                    if conn.volume != name:
+                        continue
+                    if conn.mirror_required and conn.restricted_since is None:
+                        continue   # already needs a whole mirror, which covers this
+                    conn.mark_mirror_required(
+                        "the source agent stopped uncleanly; ops after the last durable "
+                        "journal point may be missing")
+                    if conn.restricted_since is None or since < conn.restricted_since:
+                        conn.restricted_since = since
         self.registry.save()
         for record in self.task_store.load():
             log.warning("task was interrupted by a stop of the agent; it will not be re-run",
@@ -110,7 +124,8 @@ class SourceAgent:
         assert self._nursery is not None
         sender = Sender(conn, self.volumes[conn.volume], node=self.config.node,
                         on_change=self._conn_changed, batch_bytes=self.config.batch_bytes,
-                        window_bytes=self.config.window_bytes, tasks=self.tasks)
+                        window_bytes=self.config.window_bytes, tasks=self.tasks,
+                        on_check_result=self._on_check_result, on_connected=self._on_connected)
         scope = trio.CancelScope()
 
         async def run() -> None:
@@ -203,6 +218,7 @@ class SourceAgent:
             "last_error": c.last_error,
             "target_task_processing": c.target_task_processing,
             "last_task": last.public() if (last := self.task_store.last(c.id)) else None,
+            "mirror": job.status() if (job := self.jobs.get(c.id)) else None,
         }
 
     async def cmd_replication_start(self, args: dict[str, Any], emit: Emit) -> Result:
@@ -311,6 +327,165 @@ class SourceAgent:
 
     async def cmd_taskprocessing(self, args: dict[str, Any], emit: Emit) -> Result:
         return await self.tasks.set_processing(bool(args.get("enabled")))
+
+    # -- mirror, verify, orphans ------------------------------------------------------
+
+    def _on_check_result(self, conn: Connection, frame: CheckResult) -> None:
+        job = self.jobs.get(conn.id)
+        if job is not None:
+            job.on_result(frame)
+
+    def _on_connected(self, conn: Connection) -> None:
+        """Automatic mirror when a connection that needs one comes up (DESIGN §3)."""
+        mode = self.config.mirror_on_connect
+        job = self.jobs.get(conn.id)
+        if not conn.mirror_required or mode == "none" or (job and not job.done.is_set()):
+            return
+        restricted = conn.restricted_since
+        self._start_job(conn, kind="mirror", mode="different" if restricted else mode,
+                        orphans="remove" if restricted else None,
+                        restricted_since=restricted,
+                        reason=f"automatic: {conn.mirror_reason or 'mirror required'}")
+
+    def _start_job(self, conn: Connection, **kwargs: Any) -> MirrorJob | Result:
+        job = self.jobs.get(conn.id)
+        if job is not None and not job.done.is_set():
+            return failed(f"connection {conn.id}: a {job.kind} is already running "
+                          f"(`mirrorline mirror stop {conn.id}` first)")
+        job = MirrorJob(conn, self.volumes[conn.volume], **kwargs)
+        self.jobs[conn.id] = job
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_job, job)
+        return job
+
+    async def _run_job(self, job: MirrorJob) -> None:
+        await job.run()
+        if job.kind == "mirror" and job.state == "done":
+            await trio.to_thread.run_sync(self.registry.save)
+        if job.kind == "verify":
+            await trio.to_thread.run_sync(self._write_verify_log, job)
+
+    def _verify_log_path(self, conid: int) -> str:
+        return os.path.join(self.config.state_dir, "verify", f"{conid}.log")
+
+    def _write_verify_log(self, job: MirrorJob) -> None:
+        path = self._verify_log_path(job.conn.id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.started))
+        with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(f"{stamp} verify connection {job.conn.id}: {job.state}, "
+                    f"{job.files_done} entries, {len(job.differences)} differences"
+                    f"{' (remirrored)' if job.remirror else ''}\n")
+            for diff in job.differences:
+                f.write(f"  {','.join(diff.what)}\t{diff.path.decode(errors='surrogateescape')}\n")
+
+    async def _wait_jobs(self, jobs: list[MirrorJob], timeout: Any) -> bool:
+        limit = float(timeout) if timeout is not None else float("inf")
+        with trio.move_on_after(limit):
+            for job in jobs:
+                await job.done.wait()
+            return True
+        return False
+
+    async def cmd_mirror(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        action = str(args.get("action", "start"))
+        if action in ("stop", "pause", "resume"):
+            touched = []
+            for conn in conns:
+                job = self.jobs.get(conn.id)
+                if job is None or job.done.is_set():
+                    continue
+                getattr(job, action)()
+                touched.append(conn.id)
+            if not touched:
+                return failed(f"no mirror is running on {_ids([c.id for c in conns])}")
+            return ok(f"mirror {action} on {_ids(touched)}", conids=touched)
+        mode = str(args.get("mode") or "full")
+        jobs = []
+        for conn in conns:
+            job = self._start_job(conn, kind="mirror", mode=mode, newer=bool(args.get("newer")),
+                                  orphans="remove" if args.get("orphans") == "remove" else None,
+                                  reason="operator request")
+            if isinstance(job, Result):
+                return job
+            jobs.append(job)
+        if not args.get("wait"):
+            return ok(f"{mode} mirror started on {_ids([j.conn.id for j in jobs])}",
+                      mirrors=[j.status() for j in jobs])
+        if not await self._wait_jobs(jobs, args.get("wait_timeout")):
+            return failed("timed out waiting for the mirror", Exit.TIMEOUT,
+                          mirrors=[j.status() for j in jobs])
+        bad = [j for j in jobs if j.state != "done"]
+        data = {"mirrors": [j.status() for j in jobs]}
+        if bad:
+            return failed("; ".join(f"connection {j.conn.id}: mirror {j.state}"
+                                    f"{': ' + j.error if j.error else ''}" for j in bad), **data)
+        sent = sum(j.bytes_sent for j in jobs)
+        return ok(f"{mode} mirror done on {_ids([j.conn.id for j in jobs])}: "
+                  f"{sum(j.files_done for j in jobs)} entries, {sent} bytes sent", **data)
+
+    async def cmd_verify(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        jobs = []
+        for conn in conns:
+            job = self._start_job(conn, kind="verify", mode="checksum",
+                                  remirror=bool(args.get("remirror")), reason="operator request")
+            if isinstance(job, Result):
+                return job
+            jobs.append(job)
+        if not args.get("wait"):
+            return ok(f"verify started on {_ids([j.conn.id for j in jobs])}; see status, "
+                      f"and the log in {self._verify_log_path(jobs[0].conn.id) if jobs else '-'}")
+        if not await self._wait_jobs(jobs, args.get("wait_timeout")):
+            return failed("timed out waiting for the verify", Exit.TIMEOUT)
+        report = [{"conid": j.conn.id, "in_sync": not j.differences and j.state == "done",
+                   "state": j.state, "entries": j.files_done,
+                   "differences": [d.public() for d in j.differences],
+                   "log": self._verify_log_path(j.conn.id)} for j in jobs]
+        bad = [r for r in report if not r["in_sync"]]
+        if not bad:
+            return ok(f"in sync: {_ids([j.conn.id for j in jobs])}", verify=report)
+        lines = []
+        for r in bad:
+            for d in r["differences"]:  # type: ignore[attr-defined]
+                lines.append(f"connection {r['conid']}: {d['path']}: {', '.join(d['what'])}")
+            if r["state"] != "done":
+                lines.append(f"connection {r['conid']}: verify {r['state']}")
+        repaired = " (remirrored)" if args.get("remirror") else ""
+        return failed(f"not in sync{repaired}:\n" + "\n".join(lines), verify=report)
+
+    async def cmd_orphans(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        action = str(args.get("action", "list"))
+        if args.get("to"):
+            return failed("to=<dir> is not supported: orphans are moved to the holding area "
+                          "<root>/.mirrorline-orphans/<target_path> on the target", Exit.USAGE)
+        older = args.get("older_than_days")
+        jobs = []
+        for conn in conns:
+            job = self._start_job(conn, kind="orphans", orphans=action,
+                                  older_than_days=float(older) if older is not None else None,
+                                  reason="operator request")
+            if isinstance(job, Result):
+                return job
+            jobs.append(job)
+        await self._wait_jobs(jobs, None)
+        orphans = [o for j in jobs for o in j.orphan_list]
+        removed = sum(j.orphans_removed for j in jobs)
+        moved_to = (f"<root of {jobs[0].conn.target_node or jobs[0].conn.target}>/"
+                    f".mirrorline-orphans/{jobs[0].conn.target_path}"
+                    if action == "move" and jobs else None)
+        verb = {"list": "found", "remove": "removed", "move": "moved"}.get(action, action)
+        return ok(f"{len(orphans)} orphan(s) {verb}"
+                  + (f" to {moved_to} on the target" if moved_to else ""),
+                  orphans=orphans, removed=removed, moved_to=moved_to)
 
     async def cmd_wait_queue(self, args: dict[str, Any], emit: Emit) -> Result:
         conns = self._select(args)

@@ -69,6 +69,8 @@ class SourceConfig(BaseModel):
     batch_bytes: int = Field(default=1024 * 1024, ge=4096)
     window_bytes: int = Field(default=16 * 1024 * 1024, ge=65536)
     queue: QueueConfig = QueueConfig()
+    #: Mirror run automatically when a connection that needs one comes up.
+    mirror_on_connect: Literal["different", "checksum", "full", "none"] = "checksum"
     volume: list[VolumeConfig] = Field(min_length=1)
     connection: list[ConnectionConfig] = []
 

@@ -2,7 +2,11 @@
 
 Layout: ``<dir>/<first_seq:020d>.seg`` files; each holds consecutive records
 
-    length u32 | crc32(seq bytes + op bytes) u32 | seq u64 | op (msgpack, see frames.encode_op)
+    length u32 | crc32(seq, scope and op bytes) u32 | seq u64 | scope u32 | op (msgpack)
+
+``scope`` is 0 for ops every connection gets (captured writes) and a conid for ops
+meant for one connection only (its mirror and verify traffic): other connections
+read such a record as a no-op, so their seqs stay gap-free.
 
 Why it is right
 ---------------
@@ -33,11 +37,12 @@ import structlog
 import trio
 
 from protocol.frames import encode_op
-from protocol.ops import Op
+from protocol.ops import NoteOp, Op
 
 log = structlog.get_logger("journal")
 
-RECORD: Final = struct.Struct(">IIQ")
+RECORD: Final = struct.Struct(">IIQI")
+NOOP: Final = encode_op(NoteOp(""))
 INDEX_EVERY: Final = 256
 CLEAN_MARK: Final = "clean-shutdown"
 
@@ -77,6 +82,8 @@ class Recovery:
     clean: bool
     torn_bytes: int
     segments: int
+    #: mtime of the newest segment as found (before any repair): the last write.
+    last_write: float = 0.0
 
 
 class Journal:
@@ -97,8 +104,8 @@ class Journal:
         self._fd = -1
         self.last_seq = 0
         self.durable_seq = 0
-        # Memory tail: _tail[i] is the encoded op of seq _tail_first + i.
-        self._tail: list[bytes] = []
+        # Memory tail: _tail[i] is (scope, encoded op) of seq _tail_first + i.
+        self._tail: list[tuple[int, bytes]] = []
         self._tail_head = 0
         self._tail_first = 1
         self._tail_bytes = 0
@@ -122,6 +129,7 @@ class Journal:
             raise JournalError(f"journal directory {self.directory}: {exc.strerror}") from exc
         clean_path = os.path.join(self.directory, CLEAN_MARK)
         clean = os.path.exists(clean_path) or not names
+        last_write = os.stat(os.path.join(self.directory, names[-1])).st_mtime if names else 0.0
         torn = 0
         expected = 0
         for i, name in enumerate(names):
@@ -158,7 +166,8 @@ class Journal:
         if os.path.exists(clean_path):
             os.unlink(clean_path)
             _fsync_dir(self.directory)
-        self.recovery = Recovery(self.last_seq, clean and not torn, torn, len(self.segments))
+        self.recovery = Recovery(self.last_seq, clean and not torn, torn, len(self.segments),
+                                 last_write)
         return self.recovery
 
     def _scan(self, seg: Segment) -> int:
@@ -168,7 +177,7 @@ class Journal:
             offset = 0
             seq = seg.first_seq
             while offset + RECORD.size <= len(data):
-                length, crc, rseq = RECORD.unpack_from(data, offset)
+                length, crc, rseq, _scope = RECORD.unpack_from(data, offset)
                 end = offset + RECORD.size + length
                 if rseq != seq or end > len(data):
                     break
@@ -210,8 +219,10 @@ class Journal:
 
     # -- appending --------------------------------------------------------------------
 
-    def append(self, op: Op) -> int:
+    def append(self, op: Op, scope: int = 0) -> int:
         """Record ``op`` with the next seq and return that seq. Synchronous, no fsync.
+
+        ``scope``: 0 for every connection, or the one conid this op is for.
 
         Raises:
             OSError: the journal file could not be written (e.g. ENOSPC); the op has
@@ -222,8 +233,9 @@ class Journal:
         seg = self.segments[-1]
         if seg.size >= self.segment_bytes:
             seg = self._roll(seq)
-        seq_bytes = struct.pack(">Q", seq)
-        record = RECORD.pack(len(encoded), zlib.crc32(encoded, zlib.crc32(seq_bytes)), seq) + encoded
+        head = struct.pack(">QI", seq, scope)
+        record = RECORD.pack(len(encoded), zlib.crc32(encoded, zlib.crc32(head)), seq,
+                             scope) + encoded
         written = os.write(self._fd, record)
         if written != len(record):
             # A short write on a regular file means the disk is full: undo it.
@@ -234,10 +246,10 @@ class Journal:
         seg.last_seq = seq
         self.disk_bytes += len(record)
         self.last_seq = seq
-        self._tail.append(encoded)
+        self._tail.append((scope, encoded))
         self._tail_bytes += len(encoded)
         while self._tail_bytes > self.memory_limit and self._tail_head < len(self._tail) - 1:
-            self._tail_bytes -= len(self._tail[self._tail_head])
+            self._tail_bytes -= len(self._tail[self._tail_head][1])
             self._tail_head += 1
             self._tail_first += 1
         if self._tail_head > 4096 and self._tail_head * 2 > len(self._tail):
@@ -296,9 +308,10 @@ class Journal:
         while self.last_seq < seq:
             await self._appended.park()
 
-    async def read(self, seq: int, max_bytes: int) -> list[bytes]:
+    async def read(self, seq: int, max_bytes: int, scope: int = 0) -> list[bytes]:
         """Encoded ops ``seq, seq+1, …`` (at least one; waits for ``seq`` to exist).
 
+        Records scoped to another connection than ``scope`` come back as no-ops.
         Raises:
             JournalGapError: ``seq`` was released or lost.
         """
@@ -307,7 +320,9 @@ class Journal:
             start = self._tail_head + (seq - self._tail_first)
             out: list[bytes] = []
             size = 0
-            for encoded in self._tail[start:start + 65536]:
+            for rscope, encoded in self._tail[start:start + 65536]:
+                if rscope and rscope != scope:
+                    encoded = NOOP
                 out.append(encoded)
                 size += len(encoded)
                 if size >= max_bytes:
@@ -316,9 +331,9 @@ class Journal:
         if seq < self.first_seq:
             raise JournalGapError(f"seq {seq} is no longer in the journal "
                                   f"(oldest is {self.first_seq})")
-        return await trio.to_thread.run_sync(self._read_disk, seq, max_bytes)
+        return await trio.to_thread.run_sync(self._read_disk, seq, max_bytes, scope)
 
-    def _read_disk(self, seq: int, max_bytes: int) -> list[bytes]:
+    def _read_disk(self, seq: int, max_bytes: int, scope: int) -> list[bytes]:
         firsts = [s.first_seq for s in self.segments]
         seg = self.segments[bisect_right(firsts, seq) - 1]
         at_seq, offset = seg.offset_for(seq)
@@ -331,11 +346,13 @@ class Journal:
                 header = f.read(RECORD.size)
                 if len(header) < RECORD.size:
                     break
-                length, _crc, rseq = RECORD.unpack(header)
+                length, _crc, rseq, rscope = RECORD.unpack(header)
                 body = f.read(length)
                 if rseq != at_seq or len(body) != length:
                     raise JournalError(f"journal segment {seg.path} is damaged at seq {at_seq}")
                 if at_seq >= seq:
+                    if rscope and rscope != scope:
+                        body = NOOP
                     out.append(body)
                     size += len(body)
                 at_seq += 1

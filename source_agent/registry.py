@@ -37,6 +37,8 @@ class Connection:
     #: `clearrestorerequired` was given; tell the target at the next handshake.
     clear_restore_pending: bool = False
     from_config: bool = False
+    #: After an unclean stop: the restricted mirror checks entries changed since then.
+    restricted_since: float | None = None
 
     # Runtime only (not persisted).
     state: str = field(default="starting", metadata={"runtime": True})
@@ -54,7 +56,7 @@ class Connection:
 
     _PERSISTED = ("id", "volume", "target", "target_path", "key_file", "replicating",
                   "restore_required", "mirror_required", "mirror_reason", "acked_seq",
-                  "base_seq", "clear_restore_pending", "from_config")
+                  "base_seq", "clear_restore_pending", "from_config", "restricted_since")
 
     def persisted(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._PERSISTED}

@@ -25,7 +25,7 @@ import structlog
 import trio
 
 from protocol.errors import AuthenticationError, ProtocolError
-from protocol.frames import Ack, Bye, Error, Ping, Pong, TaskResult, Welcome
+from protocol.frames import Ack, Bye, CheckResult, Error, Ping, Pong, TaskResult, Welcome
 from protocol.keys import KeyFileError, read_key
 from protocol.runtime.groups import single_error
 from protocol.runtime.stream import FrameStream, LinkError
@@ -69,7 +69,9 @@ class Sender:
 
     def __init__(self, conn: Connection, volume: Volume, *, node: str,
                  on_change: Callable[[bool], None], batch_bytes: int,
-                 window_bytes: int, tasks: SourceTasks | None = None) -> None:
+                 window_bytes: int, tasks: SourceTasks | None = None,
+                 on_check_result: Callable[[Connection, CheckResult], None] | None = None,
+                 on_connected: Callable[[Connection], None] | None = None) -> None:
         self.conn = conn
         self.volume = volume
         self.node = node
@@ -78,6 +80,8 @@ class Sender:
         self.window_bytes = window_bytes
         self._session_scope: trio.CancelScope | None = None
         self.tasks = tasks
+        self.on_check_result = on_check_result
+        self.on_connected = on_connected
 
     def restart_session(self) -> None:
         """Drop the current session (e.g. after replication stop); the loop decides next."""
@@ -200,6 +204,8 @@ class Sender:
         conn.connected_since = time.time()
         log.info("replicating", conid=conn.id, target=conn.target, resume_from=resume,
                  captured_seq=journal.last_seq)
+        if self.on_connected is not None:
+            self.on_connected(conn)
         inflight: deque[tuple[int, int]] = deque()   # (last seq of a batch, its bytes)
         room = trio.lowlevel.ParkingLot()
         state = {"inflight_bytes": 0, "last_rx": time.monotonic()}
@@ -210,7 +216,7 @@ class Sender:
                 while state["inflight_bytes"] >= self.window_bytes:
                     await room.park()
                 try:
-                    batch = await journal.read(seq, self.batch_bytes)
+                    batch = await journal.read(seq, self.batch_bytes, conn.id)
                 except JournalGapError as exc:
                     conn.mark_mirror_required(str(exc))
                     self.on_change(True)
@@ -249,6 +255,9 @@ class Sender:
                     raise LinkError(f"target said goodbye: {frame.reason}")
                 elif isinstance(frame, Ping):
                     await fs.send(Pong(nonce=frame.nonce))
+                elif isinstance(frame, CheckResult):
+                    if self.on_check_result is not None:
+                        self.on_check_result(conn, frame)
                 elif isinstance(frame, TaskResult):
                     if self.tasks is not None:
                         self.tasks.on_result(conn, frame)

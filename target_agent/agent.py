@@ -22,7 +22,19 @@ import trio
 
 from protocol.control import Exit, Request, Result, failed, ok
 from protocol.errors import AuthenticationError, ProtocolError
-from protocol.frames import Ack, Auth, Bye, Error, Hello, Ops, Ping, Pong, TaskResult, Welcome
+from protocol.frames import (
+    Ack,
+    Auth,
+    Bye,
+    CheckResult,
+    Error,
+    Hello,
+    Ops,
+    Ping,
+    Pong,
+    TaskResult,
+    Welcome,
+)
 from protocol.keys import KeyFileError, read_key
 from protocol.ops import Op, TaskOp, check_relative_path
 from protocol.runtime.control import Emit, serve_control
@@ -273,6 +285,12 @@ class TargetAgent:
                     except ApplyError as exc:
                         raise ProtocolError(f"refused op: {exc}", code="apply") from exc
                     replica.bytes_applied += size
+                    # Answers to CHECK ops go before the ACK that covers them.
+                    results, replica.check_results = replica.check_results, []
+                    for seq, op, result in results:
+                        await fs.send(CheckResult(seq=seq, path=op.path,
+                                                  result={"job": op.job, "offset": op.offset,
+                                                          **result}))
                     await fs.send(Ack(received=batches[-1].last_seq,
                                       durable=replica.applied_seq))
 

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from protocol.ops import (
+    CheckOp,
     ChmodOp,
     ChownOp,
     CreateOp,
@@ -76,6 +77,7 @@ from protocol.ops import (
     MknodOp,
     NoteOp,
     Op,
+    PrepareOp,
     RemovexattrOp,
     RenameOp,
     RmdirOp,
@@ -87,6 +89,7 @@ from protocol.ops import (
     UtimensOp,
     WriteOp,
 )
+from target_agent.checker import prepare
 from target_agent.pathguard import (
     DEFAULT_CACHE_SIZE,
     PathError,
@@ -272,7 +275,11 @@ class Applier:
             RemovexattrOp: self._removexattr,
             TaskOp: self._nothing,
             NoteOp: self._nothing,
+            PrepareOp: self._prepare,
+            CheckOp: self._nothing,     # compared by the caller (target_agent.checker)
         }
+        #: Where PrepareOp "moveout" puts orphans (outside the replica); set by the owner.
+        self.holding_dir: str | None = None
 
     # -- public API -------------------------------------------------------------
 
@@ -594,6 +601,16 @@ class Applier:
                 if exc.errno != errno.ENODATA:
                     raise
 
+    def _prepare(self, op: PrepareOp) -> None:
+        # Entries may be removed or moved: cached descriptors and parents are stale.
+        self._drop_files()
+        try:
+            parent_fd, _ = self._guard.open_parent(op.path)
+            self._touch_dir(parent_fd)
+            prepare(self._guard, op, self.holding_dir)
+        finally:
+            self._guard.invalidate()
+
     def _nothing(self, op: Op) -> None:
         pass
 
@@ -657,6 +674,10 @@ class Applier:
         files, self._files = self._files, OrderedDict()
         for entry in files.values():
             self._release_file(entry)
+
+    def flush_times(self) -> None:
+        """Set the pending mtimes of written files now (no fsync), e.g. before a check."""
+        self._flush_mtimes()
 
     def _flush_mtimes(self) -> None:
         while self._pending_mtime:

@@ -34,9 +34,10 @@ from typing import Any
 import structlog
 import trio
 
-from protocol.ops import RENAME_EXCHANGE, Op, RenameOp
+from protocol.ops import RENAME_EXCHANGE, CheckOp, NoteOp, Op, RenameOp
 from protocol.runtime.statefile import load_json, save_json
 from target_agent.applier import Applier, ApplyError
+from target_agent.checker import check
 from target_agent.pathguard import PathError
 
 log = structlog.get_logger("replica")
@@ -72,6 +73,8 @@ class Replica:
     session_scope: trio.CancelScope | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
     applier: Applier | None = None
+    #: (seq, op, result) of CHECK ops applied but not yet answered; drained by the session.
+    check_results: list[tuple[int, CheckOp, dict[str, Any]]] = field(default_factory=list)
 
     _PERSISTED = ("node", "conid", "target_path", "applied_seq", "restore_required",
                   "mirror_required", "mirror_reason", "failed_over", "intent")
@@ -112,6 +115,8 @@ class Replica:
     def open_applier(self) -> Applier:
         if self.applier is None:
             self.applier = Applier(self.replica_path)
+            self.applier.holding_dir = os.path.join(self.root, ".mirrorline-orphans",
+                                                    self.target_path)
         return self.applier
 
     def close_applier(self) -> None:
@@ -134,7 +139,16 @@ class Replica:
                 if seq <= self.applied_seq:   # duplicate after a reconnect: skip
                     done += 1
                     continue
-                if applier.needs_checkpoint(op):
+                if isinstance(op, CheckOp):
+                    applier.flush_times()   # mtimes of earlier writes are part of the state
+                    self.check_results.append((seq, op, check(applier.guard, op)))
+                    self._pending_seq = seq
+                elif isinstance(op, NoteOp):
+                    if op.note == "mirror-complete" and self.mirror_required:
+                        self.mirror_required = False
+                        self.mirror_reason = ""
+                    self._pending_seq = seq
+                elif applier.needs_checkpoint(op):
                     self._apply_guarded(seq, op)
                 else:
                     applier.apply(op)

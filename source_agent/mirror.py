@@ -1,0 +1,614 @@
+"""Mirror, verify and orphans, in-stream (DESIGN §7).
+
+A job walks the volume through the backing descriptor (never the mount) and turns
+what it finds into ops appended to the volume journal, scoped to its one
+connection. Reading an entry and appending the op made from it happen with no
+await in between, on the same thread as capture, so each such op sits at the exact
+point of the stream where the source had that state: live writes before it were
+captured before the read, live writes after it come after it. Nothing needs to be
+quiesced, and the target's answers (CHECK_RESULT) describe real differences.
+
+Modes:
+    full       every entry is sent whole (data extents only: holes stay holes)
+    different  CHECK with size and mtime; a differing file is sent whole
+    checksum   CHECK with xxh3 block hashes per 8 MiB range; only differing blocks
+    verify     as checksum, but differences are reported (and repaired on remirror)
+    orphans    CHECK of directory listings only; extra target entries are listed,
+               removed or moved to a holding area outside the replica
+``newer`` leaves target files whose mtime is newer. A restricted mirror (after an
+unclean stop) checks only entries whose ctime is at or after a point in time.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import structlog
+import trio
+import trio.lowlevel
+
+from protocol.checks import BLOCK_SIZE, RANGE_BYTES, block_hashes, entry_kind, xattr_digest
+from protocol.frames import CheckResult
+from protocol.ops import (
+    CHECK_DIFFERENT,
+    CHECK_LAST_RANGE,
+    CHECK_NEWER,
+    CHECK_ORPHANS,
+    CheckOp,
+    ChmodOp,
+    ChownOp,
+    CreateOp,
+    LinkOp,
+    MkdirOp,
+    MknodOp,
+    NoteOp,
+    Op,
+    PrepareOp,
+    SetxattrOp,
+    SymlinkOp,
+    TruncateOp,
+    UtimensOp,
+    WriteOp,
+)
+from source_agent.registry import Connection
+from source_agent.volume import Volume
+
+log = structlog.get_logger("mirror")
+
+WRITE_CHUNK: Final = 1024 * 1024
+NAMES_PER_CHECK: Final = 4096
+MAX_PENDING_CHECKS: Final = 4096
+MAX_UNACKED_OPS: Final = 50_000
+YIELD_EVERY: Final = 64
+
+
+@dataclass
+class PendingCheck:
+    path: bytes
+    entry: str
+    offset: int
+    issued: float
+    result: dict[str, Any] | None = None
+
+
+@dataclass
+class Difference:
+    path: bytes
+    what: list[str]
+
+    def public(self) -> dict[str, Any]:
+        return {"path": self.path.decode(errors="surrogateescape"), "what": self.what}
+
+
+@dataclass
+class MirrorJob:
+    """One mirror, verify or orphans pass over one connection."""
+
+    conn: Connection
+    volume: Volume
+    kind: str                         # "mirror" | "verify" | "orphans"
+    mode: str = "checksum"            # full | different | checksum (mirror)
+    newer: bool = False
+    orphans: str | None = None        # None | "list" | "remove" | "move"
+    older_than_days: float | None = None
+    remirror: bool = False
+    restricted_since: float | None = None
+    reason: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    state: str = "starting"
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_sent: int = 0
+    checks: int = 0
+    scan_complete: bool = False
+    differences: list[Difference] = field(default_factory=list)
+    orphan_list: list[dict[str, Any]] = field(default_factory=list)
+    orphans_removed: int = 0
+    error: str = ""
+    done: trio.Event = field(default_factory=trio.Event)
+    _pending: dict[int, PendingCheck] = field(default_factory=dict)
+    _results_in: Any = None
+    _results_out: Any = None
+    _resume: trio.Event = field(default_factory=trio.Event)
+    _paused: bool = False
+    _links: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    _last_seq: int = 0
+    _cancel: trio.CancelScope | None = None
+
+    def __post_init__(self) -> None:
+        self._results_in, self._results_out = trio.open_memory_channel[tuple[int, dict[str, Any]]](
+            MAX_PENDING_CHECKS * 4)
+        self._resume.set()
+
+    # -- control ----------------------------------------------------------------------
+
+    def pause(self) -> None:
+        if not self.done.is_set():
+            self._paused = True
+            self._resume = trio.Event()
+            self.state = "paused"
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.state = "scanning" if not self.scan_complete else "repairing"
+            self._resume.set()
+
+    def stop(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    def status(self) -> dict[str, Any]:
+        elapsed = max((self.ended or time.time()) - self.started, 1e-6)
+        rate = self.bytes_done / elapsed
+        percent = None
+        eta = None
+        if self.scan_complete and self.bytes_total:
+            percent = round(100.0 * self.bytes_done / self.bytes_total, 1)
+            if rate > 0 and not self.done.is_set():
+                eta = round((self.bytes_total - self.bytes_done) / rate, 1)
+        elif self.done.is_set():
+            percent = 100.0
+        return {
+            "id": self.id, "conid": self.conn.id, "kind": self.kind, "mode": self.mode,
+            "state": self.state, "reason": self.reason, "restricted":
+                self.restricted_since is not None,
+            "files_done": self.files_done, "files_total": self.files_total,
+            "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
+            "bytes_sent": self.bytes_sent, "checks": self.checks,
+            "differences": len(self.differences), "orphans_found": len(self.orphan_list),
+            "orphans_removed": self.orphans_removed, "percent": percent,
+            "rate_bytes_per_s": round(rate), "eta_seconds": eta,
+            "scan_complete": self.scan_complete, "error": self.error,
+            "started": self.started, "ended": self.ended,
+        }
+
+    # -- results from the target ------------------------------------------------------
+
+    def on_result(self, frame: CheckResult) -> None:
+        """Called by the sender for every CHECK_RESULT of this connection."""
+        if frame.result.get("job") != self.id:
+            return
+        try:
+            self._results_in.send_nowait((frame.seq, frame.result))
+        except trio.WouldBlock:
+            log.warning("mirror result queue full; the check will be re-issued",
+                        conid=self.conn.id, seq=frame.seq)
+
+    # -- the job ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Walk, check, repair, until everything is answered and acknowledged."""
+        fd = self.volume.backing_fd
+        assert fd is not None
+        log.info(f"{self.kind} started", conid=self.conn.id, mode=self.mode, reason=self.reason,
+                 restricted=self.restricted_since is not None)
+        try:
+            with trio.CancelScope() as scope:
+                self._cancel = scope
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._answer_loop)
+                    self.state = "scanning"
+                    await self._walk(fd)
+                    self.scan_complete = True
+                    if self.state == "scanning":
+                        self.state = "repairing"
+                    await self._drain()
+                    nursery.cancel_scope.cancel()
+                if self.kind == "mirror":
+                    self._emit(NoteOp("mirror-complete"))
+                    await self._wait_acked(self._last_seq)
+                    self.conn.mirror_required = False
+                    self.conn.mirror_reason = ""
+                    self.conn.restricted_since = None
+                self.state = "done"
+            if scope.cancelled_caught:
+                self.state = "stopped"
+        except Exception as exc:
+            self.state = "failed"
+            self.error = str(exc)
+            log.exception(f"{self.kind} failed", conid=self.conn.id)
+        finally:
+            self.ended = time.time()
+            self.done.set()
+            log.info(f"{self.kind} ended", conid=self.conn.id, state=self.state,
+                     files=self.files_done, bytes=self.bytes_done, sent=self.bytes_sent,
+                     differences=len(self.differences), orphans=len(self.orphan_list))
+
+    async def _pace(self) -> None:
+        await self._resume.wait()
+        journal = self.volume.journal
+        while (len(self._pending) >= MAX_PENDING_CHECKS
+               or journal.last_seq - self.conn.acked_seq > MAX_UNACKED_OPS):
+            with trio.move_on_after(1.0):
+                await self.conn.acked.park()
+            await self._resume.wait()
+
+    def _emit(self, op: Op) -> int:
+        seq = self.volume.journal.append(op, scope=self.conn.id)
+        self._last_seq = seq
+        return seq
+
+    def _check(self, op: CheckOp, path: bytes, entry: str, offset: int = 0) -> None:
+        seq = self._emit(op)
+        self.checks += 1
+        self._pending[seq] = PendingCheck(path, entry, offset, time.monotonic())
+
+    def _walk_entries(self, fd: int) -> Iterator[tuple[bytes, bytes, int, list[bytes]]]:
+        """(dir path, name or b"" for the dir itself, dir fd, sorted names)."""
+        for dirpath, dirnames, filenames, dfd in os.fwalk(b".", dir_fd=fd,
+                                                           follow_symlinks=False):
+            dirnames.sort()
+            rel = dirpath[2:] if dirpath.startswith(b"./") else b""
+            names = sorted(dirnames + filenames)
+            yield rel, b"", dfd, names
+            for name in sorted(filenames):
+                yield rel, name, dfd, names
+
+    async def _walk(self, fd: int) -> None:
+        count = 0
+        for rel, name, dfd, names in self._walk_entries(fd):
+            count += 1
+            if count % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            await self._pace()
+            path = os.path.join(rel, name) if name else rel
+            try:
+                st = os.stat(name or b".", dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue   # gone since it was listed: its unlink is in the stream
+            if not name:
+                self._visit_dir(path, st, dfd, names)
+                continue
+            if self.kind == "orphans":
+                continue
+            if self.restricted_since is not None and st.st_ctime < self.restricted_since:
+                continue
+            self.files_total += 1
+            self.bytes_total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+            await self._visit(path, name, dfd, st)
+            self.files_done += 1
+
+    def _visit_dir(self, path: bytes, st: os.stat_result, dfd: int, names: list[bytes]) -> None:
+        restricted = self.restricted_since is not None
+        changed = not restricted or st.st_ctime >= self.restricted_since  # type: ignore[operator]
+        if path and self.kind != "orphans" and changed:
+            if self.kind == "mirror" and self.mode == "full":
+                self._send_dir(path, dfd)
+            else:
+                self._check(self._meta_check(path, b".", dfd, st, "dir"), path, "dir")
+        want_orphans = (self.kind == "orphans" or self.orphans == "remove") and changed
+        if want_orphans:
+            for i in range(0, max(len(names), 1), NAMES_PER_CHECK):
+                chunk = names[i:i + NAMES_PER_CHECK]
+                lo = names[i - 1] if i else b""
+                hi = chunk[-1] if i + NAMES_PER_CHECK < len(names) else b""
+                op = CheckOp(self.id, path or b".", "dir", _meta(st), b"", b"", 0, BLOCK_SIZE,
+                             [], chunk, lo, hi, CHECK_ORPHANS)
+                self._check(op, path, "dir-names")
+
+    def _meta_check(self, path: bytes, name: bytes, dfd: int, st: os.stat_result,
+                    entry: str) -> CheckOp:
+        link = os.readlink(name, dir_fd=dfd) if entry == "symlink" else b""
+        flags = CHECK_LAST_RANGE | (CHECK_NEWER if self.newer else 0)
+        return CheckOp(self.id, path, entry, _meta(st), link, _xattrs_digest(dfd, name, entry),
+                       0, BLOCK_SIZE, [], [], b"", b"", flags)
+
+    async def _visit(self, path: bytes, name: bytes, dfd: int, st: os.stat_result) -> None:
+        entry = entry_kind(st.st_mode)
+        if entry == "other":
+            return
+        if entry == "file" and st.st_nlink > 1:
+            first = self._links.setdefault((st.st_dev, st.st_ino), path)
+            if first != path:
+                self._emit(PrepareOp(path, "file", []))
+                self._emit(LinkOp(first, path))
+                self.bytes_done += st.st_size
+                return
+        if self.kind == "mirror" and self.mode == "full":
+            await self._send_entry(path)
+            self.bytes_done += st.st_size if entry == "file" else 0
+            return
+        if entry != "file" or (self.kind == "mirror" and self.mode == "different"):
+            op = self._meta_check(path, name, dfd, st, entry)
+            if entry == "file":
+                op = CheckOp(op.job, op.path, op.entry, op.meta, op.link, op.xattrs, 0,
+                             BLOCK_SIZE, [], [], b"", b"", op.flags | CHECK_DIFFERENT)
+            self._check(op, path, entry)
+            self.bytes_done += st.st_size if entry == "file" else 0
+            return
+        await self._check_file_ranges(path, name, dfd)
+
+    async def _check_file_ranges(self, path: bytes, name: bytes, dfd: int) -> None:
+        offset = 0
+        while True:
+            await self._pace()
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except (FileNotFoundError, OSError):
+                return
+            try:
+                # Read, hash and append with no await in between: one point in the stream.
+                st = os.fstat(fd)
+                data = os.pread(fd, RANGE_BYTES, offset)
+                last = offset + len(data) >= st.st_size or len(data) < RANGE_BYTES
+                flags = (CHECK_LAST_RANGE if last else 0) | (CHECK_NEWER if self.newer else 0)
+                op = CheckOp(self.id, path, "file", _meta(st), b"",
+                             _xattrs_digest(dfd, name, "file") if last else b"", offset,
+                             BLOCK_SIZE, block_hashes(data), [], b"", b"", flags)
+                self._check(op, path, "file", offset)
+            finally:
+                os.close(fd)
+            self.bytes_done += len(data)
+            if last:
+                return
+            offset += len(data)
+
+    # -- answers and repairs ------------------------------------------------------------
+
+    async def _answer_loop(self) -> None:
+        while True:
+            with trio.move_on_after(1.0):
+                seq, result = await self._results_out.receive()
+                pending = self._pending.get(seq)
+                if pending is not None:
+                    # Removed only once its repair ops are appended, so _drain cannot
+                    # finish between the answer and the repair.
+                    await self._answered(pending, result)
+                    self._pending.pop(seq, None)
+                continue
+            await self._reissue_lost()
+
+    async def _reissue_lost(self) -> None:
+        """A check acked as applied but never answered lost its answer with its session
+        (answers travel before the ACK covering them, on the same link)."""
+        lost = [s for s in self._pending if s <= self.conn.acked_seq]
+        for seq in lost:
+            pending = self._pending.pop(seq)
+            log.info("re-issuing a check whose answer was lost", conid=self.conn.id,
+                     path=pending.path)
+            await self._redo(pending)
+
+    async def _redo(self, pending: PendingCheck) -> None:
+        base = self.volume.backing_fd
+        assert base is not None
+        try:
+            st = os.stat(pending.path or b".", dir_fd=base, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if pending.entry == "dir-names":
+            return   # that range's orphans wait for the next pass
+        if pending.entry == "file" and self.kind == "mirror":
+            await self._send_entry(pending.path)
+        elif pending.entry == "file":
+            self._note_difference(pending.path, ["unknown"])
+        else:
+            self._check(self._meta_check(pending.path, pending.path, base, st, pending.entry),
+                        pending.path, pending.entry)
+
+    async def _answered(self, pending: PendingCheck, result: dict[str, Any]) -> None:
+        if "orphans" in result:
+            await self._handle_orphans(pending.path, result["orphans"])
+        what = list(result.get("what", []))
+        if not what or result.get("skip"):
+            return
+        if self.kind == "verify":
+            self._note_difference(pending.path, what)
+            if not self.remirror:
+                return
+        await self._repair(pending, what, result.get("blocks", []))
+
+    def _note_difference(self, path: bytes, what: list[str]) -> None:
+        for diff in self.differences:
+            if diff.path == path:
+                diff.what = sorted(set(diff.what) | set(what))
+                return
+        self.differences.append(Difference(path, sorted(set(what))))
+
+    async def _repair(self, pending: PendingCheck, what: list[str], blocks: list[int]) -> None:
+        await self._resume.wait()
+        whole = {"missing", "type", "link"} & set(what) or (
+            pending.entry == "file" and "content" not in what and {"size", "mtime"} & set(what)
+            and self.mode == "different")
+        if whole or pending.entry != "file":
+            if whole or pending.entry in ("symlink", "fifo"):
+                await self._send_entry(pending.path)
+            else:
+                self._send_meta(pending.path, what)
+            return
+        base = self.volume.backing_fd
+        assert base is not None
+        try:
+            fd = os.open(pending.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base)
+        except OSError:
+            return   # gone or replaced since: the live ops carry it
+        try:
+            st = os.fstat(fd)
+            for index in blocks:
+                offset = pending.offset + index * BLOCK_SIZE
+                data = os.pread(fd, BLOCK_SIZE, offset)
+                if data:
+                    self._emit(WriteOp(pending.path, offset, data, st.st_mtime_ns))
+                    self.bytes_sent += len(data)
+        finally:
+            os.close(fd)
+        if {"size", "mode", "owner", "mtime", "xattrs"} & set(what):
+            self._send_meta(pending.path, what)
+
+    async def _handle_orphans(self, dir_path: bytes, orphans: list[list[Any]]) -> None:
+        now = time.time()
+        for name, kind, mtime in orphans:
+            path = os.path.join(dir_path, name) if dir_path else name
+            if self.older_than_days is not None and mtime > now - self.older_than_days * 86400:
+                continue
+            self.orphan_list.append({"path": path.decode(errors="surrogateescape"),
+                                     "type": kind, "mtime": mtime})
+            if self.orphans in ("remove", "move"):
+                self._emit(PrepareOp(path, "none" if self.orphans == "remove" else "moveout", []))
+                self.orphans_removed += 1
+
+    async def _drain(self) -> None:
+        while self._pending:
+            with trio.move_on_after(1.0):
+                await self.conn.acked.park()
+        await self._wait_acked(self._last_seq)
+
+    async def _wait_acked(self, seq: int) -> None:
+        while self.conn.acked_seq < seq:
+            with trio.move_on_after(1.0):
+                await self.conn.acked.park()
+
+    # -- sending entries whole ----------------------------------------------------------
+
+    def _send_dir(self, path: bytes, parent_dfd: int | None = None) -> None:
+        base = self.volume.backing_fd
+        assert base is not None
+        try:
+            st = os.stat(path, dir_fd=base, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        names = _xattr_names(base, path, "dir")
+        self._emit(PrepareOp(path, "dir", names))
+        self._emit(MkdirOp(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                           st.st_mtime_ns))
+        self._emit(ChmodOp(path, stat.S_IMODE(st.st_mode)))
+        self._emit(ChownOp(path, st.st_uid, st.st_gid))
+        self._send_xattrs(path, "dir")
+
+    async def _send_entry(self, path: bytes) -> None:
+        """Replace the target entry at ``path`` with the source's, whole, right now."""
+        base = self.volume.backing_fd
+        assert base is not None
+        try:
+            st = os.stat(path, dir_fd=base, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        entry = entry_kind(st.st_mode)
+        mode = stat.S_IMODE(st.st_mode)
+        if entry == "dir":
+            self._send_dir(path)
+        elif entry == "symlink":
+            self._emit(PrepareOp(path, "symlink", []))
+            self._emit(SymlinkOp(path, os.readlink(path, dir_fd=base), st.st_uid, st.st_gid,
+                                 st.st_mtime_ns))
+        elif entry == "fifo":
+            self._emit(PrepareOp(path, "fifo", _xattr_names(base, path, entry)))
+            self._emit(MknodOp(path, stat.S_IFIFO | mode, st.st_uid, st.st_gid, st.st_mtime_ns))
+            self._send_meta(path, ["mode", "owner", "xattrs", "mtime"])
+        elif entry == "file":
+            await self._send_file(path)
+
+    async def _send_file(self, path: bytes) -> None:
+        base = self.volume.backing_fd
+        assert base is not None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            mode = stat.S_IMODE(st.st_mode)
+            self._emit(PrepareOp(path, "file", _xattr_names(base, path, "file")))
+            self._emit(CreateOp(path, mode, st.st_uid, st.st_gid, st.st_mtime_ns))
+            self._emit(TruncateOp(path, 0, st.st_mtime_ns))
+            self._emit(TruncateOp(path, st.st_size, st.st_mtime_ns))
+            for start, end in _data_extents(fd, st.st_size):
+                offset = start
+                while offset < end:
+                    await self._pace()
+                    # Each chunk is read and appended with no await in between.
+                    data = os.pread(fd, min(WRITE_CHUNK, end - offset), offset)
+                    if not data:
+                        break
+                    self._emit(WriteOp(path, offset, data, os.fstat(fd).st_mtime_ns))
+                    self.bytes_sent += len(data)
+                    offset += len(data)
+        finally:
+            os.close(fd)
+        self._send_meta(path, ["mode", "owner", "xattrs", "mtime"])
+
+    def _send_meta(self, path: bytes, what: list[str]) -> None:
+        base = self.volume.backing_fd
+        assert base is not None
+        try:
+            st = os.stat(path, dir_fd=base, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        entry = entry_kind(st.st_mode)
+        if entry != "symlink":
+            self._emit(ChmodOp(path, stat.S_IMODE(st.st_mode)))
+        self._emit(ChownOp(path, st.st_uid, st.st_gid))
+        if "xattrs" in what and entry != "symlink":
+            self._emit(PrepareOp(path, entry, _xattr_names(base, path, entry))
+                       if entry != "file" or st.st_nlink == 1 else NoteOp(""))
+            self._send_xattrs(path, entry)
+        if "size" in what and entry == "file":
+            self._emit(TruncateOp(path, st.st_size, st.st_mtime_ns))
+        if entry == "file" or "mtime" in what:
+            self._emit(UtimensOp(path, st.st_atime_ns, st.st_mtime_ns))
+
+    def _send_xattrs(self, path: bytes, entry: str) -> None:
+        base = self.volume.backing_fd
+        assert base is not None
+        for name, value in _xattr_items(base, path, entry):
+            self._emit(SetxattrOp(path, name, value, 0))
+
+
+def _meta(st: os.stat_result) -> list[int]:
+    return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns]
+
+
+def _xattr_items(dfd: int, name: bytes, entry: str) -> list[tuple[bytes, bytes]]:
+    if entry == "symlink":
+        return []
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return []
+    try:
+        proc = f"/proc/self/fd/{fd}"
+        items = []
+        for key in os.listxattr(proc):
+            if key.startswith("user."):
+                try:
+                    items.append((key.encode(), os.getxattr(proc, key)))
+                except OSError:
+                    pass
+        return items
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+
+
+def _xattr_names(dfd: int, name: bytes, entry: str) -> list[bytes]:
+    return [n for n, _ in _xattr_items(dfd, name, entry)]
+
+
+def _xattrs_digest(dfd: int, name: bytes, entry: str) -> bytes:
+    return xattr_digest(_xattr_items(dfd, name, entry))
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the data regions of a file; the whole file if SEEK_DATA fails."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:
+            if offset == 0:
+                yield 0, size
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, min(end, size)
+        offset = end
