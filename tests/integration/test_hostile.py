@@ -130,7 +130,7 @@ async def test_write_to_planted_symlink_itself_does_not_follow(
 
 async def test_garbage_and_oversize_frames_get_an_error(
         setup: tuple[TargetAgent, int, bytes, Path, Path]) -> None:
-    agent, port, key, replica, outside = setup
+    agent, port, _, replica, _ = setup
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.serve)

@@ -51,7 +51,7 @@ async def test_memory_tail_is_bounded_and_reads_fall_back_to_disk(tmp_path: str)
     j.close()
 
 
-async def test_torn_tail_is_cut_back_to_last_good_record(tmp_path: str) -> None:
+def test_torn_tail_is_cut_back_to_last_good_record(tmp_path: str) -> None:
     j = Journal(str(tmp_path))
     j.open()
     for i in range(1, 101):
