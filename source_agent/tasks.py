@@ -98,16 +98,18 @@ class SourceTasks:
         records = []
         for conn in conns:
             op = TaskOp(uuid.uuid4().hex[:16], conn.id, name, task_args, trigger, timeout)
-            volume = self.volumes[conn.volume]
-            seq = volume.record(op)
-            if not seq:
-                return failed(f"connection {conn.id}: the journal could not record the task")
-            record = TaskRecord(id=op.task_id, conid=conn.id, source=self.node, seq=seq,
+            record = TaskRecord(id=op.task_id, conid=conn.id, source=self.node, seq=0,
                                 name=name, args=task_args, trigger=trigger, timeout=timeout,
                                 side="source" if trigger in SOURCE_TRIGGERS else "target")
-            await trio.to_thread.run_sync(self.store.put, record)
+            # In the store before the op can be sent: a fast target's result must find it.
+            self.store.records[record.id] = record
+            record.seq = self.volumes[conn.volume].record(op)
+            if not record.seq:
+                del self.store.records[record.id]
+                return failed(f"connection {conn.id}: the journal could not record the task")
+            await trio.to_thread.run_sync(self.store.save)
             records.append(record)
-            log.info("task queued", task_id=record.id, conid=conn.id, seq=seq, task=name,
+            log.info("task queued", task_id=record.id, conid=conn.id, seq=record.seq, task=name,
                      trigger=trigger)
         for record in records:
             if record.trigger == "queue":   # onqueue: runs now, on the source

@@ -16,16 +16,21 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 @contextmanager
 def single_error() -> Iterator[None]:
-    """Re-raise the one real error of a nursery's exception group as itself.
+    """Re-raise a nursery's failure as one plain exception.
 
-    When sibling tasks were cancelled because one failed, the group holds that one
-    error plus Cancelled; callers want to ``except LinkError`` etc., not groups.
-    Groups with several real errors are re-raised unchanged.
+    When one task of a session fails, its siblings are cancelled; callers want to
+    ``except LinkError`` etc., not exception groups. Two tasks can also fail in the
+    same tick (a dead peer breaks the reader and the writer at once): then the most
+    telling error is raised — anything before a plain broken link — with the group
+    kept as its context.
     """
     try:
         yield
     except BaseExceptionGroup as group:
         real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1:
-            raise real[0] from None
-        raise
+        if not real:
+            raise
+        from protocol.runtime.stream import LinkError
+
+        real.sort(key=lambda e: isinstance(e, LinkError))
+        raise real[0] from (group if len(real) > 1 else None)

@@ -121,12 +121,19 @@ def test_restore_required_sequence(cluster: Cluster, tmp_path: Path) -> None:
         assert "restore required" in msg and "clearrestorerequired" in msg
     res = source.cli("replication", "start", "*", "clearrestorerequired")
     assert res.returncode == 0
-    wait_synced(source)
+    # Clearing marks the connection mirror-required, and the automatic mirror runs.
+    def mirrored() -> bool:
+        m = source.status()["connections"][0]["mirror"]
+        return bool(m and m["state"] == "done")
+
+    wait_until(mirrored, 60, what="the automatic mirror after clearrestorerequired")
     conn = source.status()["connections"][0]
-    assert not conn["restore_required"] and conn["mirror_required"]
+    assert "restore required was cleared" in conn["mirror"]["reason"]
+    assert not conn["restore_required"] and not conn["mirror_required"]
     assert conn["state"] == "replicating"
     tconn = target.status()["connections"][0]
-    assert not tconn["restore_required"] and tconn["mirror_required"]
+    assert not tconn["restore_required"] and not tconn["mirror_required"]
+    assert diff_trees(volume, replica) == []
     (volume / "c").write_text("after clearing")
     wait_synced(source)
     assert (replica / "c").read_text() == "after clearing"
@@ -134,7 +141,7 @@ def test_restore_required_sequence(cluster: Cluster, tmp_path: Path) -> None:
     source.stop()
     source.start()
     conn = source.status()["connections"][0]
-    assert not conn["restore_required"] and conn["mirror_required"]
+    assert not conn["restore_required"] and not conn["mirror_required"]
 
 
 def test_one_to_many(cluster: Cluster, tmp_path: Path) -> None:
@@ -214,7 +221,12 @@ def test_nonempty_volume_says_mirror_required(cluster: Cluster, tmp_path: Path) 
     volume = tmp_path / "vol"
     volume.mkdir()
     (volume / "old").write_text("was here before protection")
-    source = cluster.source("src1", volume, [(1, target, "data")])
+    source = cluster.source("src1", volume, [(1, target, "data")],
+                            extra='mirror_on_connect = "none"')
     source.start()
     conn = source.status()["connections"][0]
     assert conn["mirror_required"] and "held data" in conn["mirror_reason"]
+    replica = replica_of(target, "src1", "data")
+    wait_until(lambda: source.status()["connections"][0]["state"] == "replicating", 30)
+    assert not (replica / "old").exists()
+    assert source.status()["connections"][0]["mirror_required"]   # still true: no mirror ran

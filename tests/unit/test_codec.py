@@ -57,10 +57,12 @@ from protocol.frames import (
     encode_ops_frame,
 )
 from protocol.ops import (
+    ENTRY_KINDS,
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     OP_TYPES,
     TASK_TRIGGERS,
+    CheckOp,
     ChmodOp,
     ChownOp,
     CreateOp,
@@ -70,6 +72,7 @@ from protocol.ops import (
     MknodOp,
     NoteOp,
     Op,
+    PrepareOp,
     RemovexattrOp,
     RenameOp,
     RmdirOp,
@@ -202,6 +205,13 @@ OP_STRATEGIES: dict[type[Op], st.SearchStrategy[Op]] = {
                       st.sampled_from(TASK_TRIGGERS),
                       st.floats(allow_nan=False) | st.integers(-1, 10**6).map(float)),
     NoteOp: st.builds(NoteOp, texts),
+    PrepareOp: st.builds(PrepareOp, paths, st.sampled_from(ENTRY_KINDS),
+                         st.lists(xattr_names, max_size=3)),
+    CheckOp: st.builds(CheckOp, texts, paths, st.sampled_from(ENTRY_KINDS[:4]),
+                       st.lists(s64, min_size=5, max_size=5), blobs, blobs, u63,
+                       st.integers(1, 1 << 24), st.lists(st.binary(min_size=8, max_size=8),
+                                                         max_size=4),
+                       st.lists(components, max_size=4), blobs, blobs, st.integers(0, 15)),
 }
 any_op: st.SearchStrategy[Op] = st.one_of(*OP_STRATEGIES.values())
 
