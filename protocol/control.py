@@ -4,7 +4,8 @@ The client sends one request line and reads response lines until a ``result``::
 
     → {"command": "replication_start", "args": {"conid": "*", "clear_restore_required": false}}
     ← {"type": "progress", "message": "...", ...}          (zero or more)
-    ← {"type": "result", "ok": false, "exit": 1, "message": "restore required on 1; ...", "data": {...}}
+    ← {"type": "result", "ok": false, "exit": 1, "message": "restore required …",
+       "data": {...}}
 
 ``exit`` is the CLI's exit code for the command (see :class:`Exit`). ``conid`` is an
 integer or the string ``"*"`` (every connection). Bytes never appear here: paths in

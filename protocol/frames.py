@@ -160,13 +160,14 @@ FRAME_TYPES: Final[dict[int, type[Frame]]] = {
 
 def encode_frame(frame: Frame) -> bytes:
     """Serialise one frame, header included."""
-    body = msgpack.packb(frame.body(), use_bin_type=True)
+    body: bytes = msgpack.packb(frame.body(), use_bin_type=True)
     return HEADER.pack(MAGIC, VERSION, frame.TYPE, 0, len(body), zlib.crc32(body)) + body
 
 
 def encode_op(op: Op) -> bytes:
     """The msgpack encoding of one op, as it sits in the journal and inside OPS."""
-    return msgpack.packb(op.to_wire(), use_bin_type=True)
+    encoded: bytes = msgpack.packb(op.to_wire(), use_bin_type=True)
+    return encoded
 
 
 def _array_header(count: int) -> bytes:

@@ -47,7 +47,8 @@ class Op:
 
     def paths(self) -> tuple[bytes, ...]:
         """Every path this op names (for validation and logging)."""
-        return (self.path,) if hasattr(self, "path") else ()  # type: ignore[attr-defined]
+        path = getattr(self, "path", None)
+        return (path,) if isinstance(path, bytes) else ()
 
     @property
     def kind(self) -> str:
@@ -348,7 +349,7 @@ def op_from_wire(raw: Any) -> Op:
     if len(raw) != len(spec) + 1:
         raise ProtocolError(f"{cls.__name__} needs {len(spec)} fields, got {len(raw) - 1}")
     values = raw[1:]
-    for (name, typ), value in zip(spec, values):
+    for (name, typ), value in zip(spec, values, strict=True):
         if typ is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         elif typ is int:
@@ -412,9 +413,9 @@ def _check_op(op: Op) -> None:
             raise ProtocolError("check hashes must be 8-byte strings")
         if not 0 < op.block_size <= 1 << 24 or op.offset < 0:
             raise ProtocolError("check block size or offset out of range")
-        for name in op.names:
-            if type(name) is not bytes or not name or b"/" in name or b"\0" in name \
-                    or name in (b".", b".."):
+        for entry in op.names:
+            if type(entry) is not bytes or not entry or b"/" in entry or b"\0" in entry \
+                    or entry in (b".", b".."):
                 raise ProtocolError("check names must be plain entry names")
         if op.path != b".":
             check_relative_path(op.path)

@@ -181,7 +181,8 @@ class Session:
                                      f"in state {self.state.value}")
         if isinstance(frame, Ops):
             if frame.first_seq != self.next_seq:
-                raise LocalProtocolError(f"OPS starts at {frame.first_seq}, expected {self.next_seq}")
+                raise LocalProtocolError(
+                    f"OPS starts at {frame.first_seq}, expected {self.next_seq}")
             self.next_seq = frame.last_seq + 1
         elif isinstance(frame, Bye):
             self.state = State.CLOSED
@@ -215,7 +216,7 @@ class Session:
         accepted: list[Frame] = []
         try:
             for frame in self._decoder.feed(data):
-                if self.state is State.CLOSED:
+                if self._closed():
                     break   # nothing after BYE/ERROR counts, however the bytes were chunked
                 self._on_frame(frame)
                 accepted.append(frame)
@@ -306,6 +307,11 @@ class Session:
                 self.state = State.CLOSED
         else:
             raise ProtocolError(f"unexpected {type(frame).__name__} in state {self.state.value}")
+
+    def _closed(self) -> bool:
+        # A method, not an inline test: mypy narrows self.state and cannot see that
+        # _on_frame changes it inside the loop.
+        return self.state is State.CLOSED
 
     def take_auth(self) -> bytes:
         """Source: the AUTH bytes to send after a CHALLENGE was accepted."""

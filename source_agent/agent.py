@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -55,21 +56,20 @@ class SourceAgent:
             recovery = journal.open()
             log.info("journal opened", volume=vc.name, last_seq=recovery.last_seq,
                      clean=recovery.clean, torn_bytes=recovery.torn_bytes)
-            self.volumes[vc.name] = Volume(
-                vc.name, vc.path, journal,
-                on_journal_failure=lambda reason, name=vc.name: self._journal_failed(name, reason))
+            self.volumes[vc.name] = Volume(vc.name, vc.path, journal,
+                                           on_journal_failure=self._failure_handler(vc.name))
         empty = {name: v.is_empty() and v.journal.last_seq == 0
                  for name, v in self.volumes.items()}
         last = {name: v.journal.last_seq for name, v in self.volumes.items()}
         # One volume per process (see config), so one last_seq for all connections.
         self.registry.load(max(last.values(), default=0), empty)
         for name, volume in self.volumes.items():
-            recovery = volume.journal.recovery
-            if recovery and not recovery.clean:
+            found = volume.journal.recovery
+            if found and not found.clean:
                 # Ops after the last durable journal point may be lost; they were made
                 # after the last fsync, which is at most one sync interval before the last
                 # write reached the segment (5 s of margin for clocks and slow disks).
-                since = recovery.last_write - self.config.queue.sync_interval - 5.0
+                since = found.last_write - self.config.queue.sync_interval - 5.0
                 for conn in self.registry.connections.values():
                     if conn.volume != name:
                         continue
@@ -84,6 +84,9 @@ class SourceAgent:
         for record in self.task_store.load():
             log.warning("task was interrupted by a stop of the agent; it will not be re-run",
                         task_id=record.id, conid=record.conid, task=record.name)
+
+    def _failure_handler(self, volume: str) -> Callable[[str], None]:
+        return lambda reason: self._journal_failed(volume, reason)
 
     def _journal_failed(self, volume: str, reason: str) -> None:
         for conn in self.registry.connections.values():
@@ -291,7 +294,7 @@ class SourceAgent:
             return failed(str(exc))
         vol = self.volumes[volume]
         conn = self.registry.add(volume=volume, target=target, target_path=target_path,
-                                 key_file=os.path.abspath(str(key_file)),
+                                 key_file=os.path.abspath(str(key_file)),  # noqa: ASYNC240
                                  last_seq=vol.journal.last_seq,
                                  volume_empty=vol.is_empty() and vol.journal.last_seq == 0)
         self._start_sender(conn)
@@ -379,8 +382,8 @@ class SourceAgent:
             for diff in job.differences:
                 f.write(f"  {','.join(diff.what)}\t{diff.path.decode(errors='surrogateescape')}\n")
 
-    async def _wait_jobs(self, jobs: list[MirrorJob], timeout: Any) -> bool:
-        limit = float(timeout) if timeout is not None else float("inf")
+    async def _wait_jobs(self, jobs: list[MirrorJob], limit_s: Any) -> bool:
+        limit = float(limit_s) if limit_s is not None else float("inf")
         with trio.move_on_after(limit):
             for job in jobs:
                 await job.done.wait()
@@ -404,14 +407,15 @@ class SourceAgent:
                 return failed(f"no mirror is running on {_ids([c.id for c in conns])}")
             return ok(f"mirror {action} on {_ids(touched)}", conids=touched)
         mode = str(args.get("mode") or "full")
-        jobs = []
+        jobs: list[MirrorJob] = []
         for conn in conns:
-            job = self._start_job(conn, kind="mirror", mode=mode, newer=bool(args.get("newer")),
-                                  orphans="remove" if args.get("orphans") == "remove" else None,
-                                  reason="operator request")
-            if isinstance(job, Result):
-                return job
-            jobs.append(job)
+            started = self._start_job(conn, kind="mirror", mode=mode,
+                                      newer=bool(args.get("newer")),
+                                      orphans="remove" if args.get("orphans") == "remove"
+                                      else None, reason="operator request")
+            if isinstance(started, Result):
+                return started
+            jobs.append(started)
         if not args.get("wait"):
             return ok(f"{mode} mirror started on {_ids([j.conn.id for j in jobs])}",
                       mirrors=[j.status() for j in jobs])
@@ -419,13 +423,15 @@ class SourceAgent:
             return failed("timed out waiting for the mirror", Exit.TIMEOUT,
                           mirrors=[j.status() for j in jobs])
         bad = [j for j in jobs if j.state != "done"]
-        data = {"mirrors": [j.status() for j in jobs]}
+        statuses = [j.status() for j in jobs]
         if bad:
             return failed("; ".join(f"connection {j.conn.id}: mirror {j.state}"
-                                    f"{': ' + j.error if j.error else ''}" for j in bad), **data)
+                                    f"{': ' + j.error if j.error else ''}" for j in bad),
+                          mirrors=statuses)
         sent = sum(j.bytes_sent for j in jobs)
         return ok(f"{mode} mirror done on {_ids([j.conn.id for j in jobs])}: "
-                  f"{sum(j.files_done for j in jobs)} entries, {sent} bytes sent", **data)
+                  f"{sum(j.files_done for j in jobs)} entries, {sent} bytes sent",
+                  mirrors=statuses)
 
     async def cmd_verify(self, args: dict[str, Any], emit: Emit) -> Result:
         conns = self._select(args)
@@ -538,5 +544,4 @@ async def run_source(config: SourceConfig) -> None:
 
                 nursery.start_soon(wait_signal)
     finally:
-        with trio.CancelScope(shield=True):
-            agent.close()
+        agent.close()

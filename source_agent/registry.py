@@ -109,7 +109,8 @@ class Registry:
         self.next_id = max([self.next_id, *[c + 1 for c in self.connections]])
         self.save()
 
-    def _new(self, cc: ConnectionConfig, last_seq: int, volume_empty: dict[str, bool]) -> Connection:
+    def _new(self, cc: ConnectionConfig, last_seq: int,
+             volume_empty: dict[str, bool]) -> Connection:
         conn = Connection(id=cc.id, volume=cc.volume, target=cc.target,
                           target_path=cc.target_path, key_file=cc.key_file,
                           base_seq=last_seq, acked_seq=last_seq, from_config=True)
@@ -158,5 +159,5 @@ class Registry:
         """Connections named by a CLI argument: an id, "*" or None (all)."""
         if conid in (None, "*"):
             return sorted(self.connections.values(), key=lambda c: c.id)
-        conn = self.connections.get(int(conid))  # type: ignore[arg-type]
+        conn = self.connections.get(int(conid))
         return [conn] if conn else []

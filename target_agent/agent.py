@@ -255,7 +255,7 @@ class TargetAgent:
                     if isinstance(frame, Ops):
                         replica.received_seq = frame.last_seq
                         for i, op in enumerate(frame.ops):
-                            if self._is_task(op, replica, "receive"):
+                            if isinstance(op, TaskOp) and self._is_task(op, replica, "receive"):
                                 # onreceive: runs on arrival; later ops wait (up to timeout).
                                 await self._run_target_task(replica, frame.first_seq + i, op)
                         await send_channel.send(frame)
@@ -378,7 +378,7 @@ class TargetAgent:
             return
         env = {"MIRRORLINE_CONID": str(op.conid), "MIRRORLINE_SOURCE": replica.node,
                "MIRRORLINE_SEQ": str(seq), "MIRRORLINE_TASK_ID": op.task_id,
-               "MIRRORLINE_TARGET_PATH": os.path.abspath(replica.replica_path),
+               "MIRRORLINE_TARGET_PATH": os.path.abspath(replica.replica_path),  # noqa: ASYNC240
                "MIRRORLINE_TRIGGER": op.trigger}
         await run_with_timeout(self._task_nursery, record, path, cwd=replica.replica_path,
                                env=env, store=self.tasks, on_update=self._report)

@@ -190,7 +190,8 @@ class Replica:
 
     def _rename_done(self, op: RenameOp) -> bool:
         assert self.intent is not None
-        old_ino, new_ino = self.intent.get("old_ino"), self.intent.get("new_ino")
+        old_ino: int | None = self.intent.get("old_ino")
+        new_ino: int | None = self.intent.get("new_ino")
         if old_ino is None:
             return False
         if op.flags & RENAME_EXCHANGE:

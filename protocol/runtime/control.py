@@ -49,7 +49,7 @@ async def serve_control(path: str, handler: Handler, *, allowed_uids: set[int] |
     answering) is an error. Cancellation closes the listener and removes the file.
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if os.path.exists(path):
+    if os.path.exists(path):  # noqa: ASYNC240 - once, at start-up
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise RuntimeError(f"control socket path {path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

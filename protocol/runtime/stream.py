@@ -70,7 +70,7 @@ class FrameStream:
             if not data:
                 raise LinkError("peer closed the connection")
             self.bytes_received += len(data)
-            self._pending.extend(self.session.receive_data(data))
+            self._pending.extend(self.session.receive_data(bytes(data)))
         return self._pending.popleft()
 
     async def fail(self, exc: ProtocolError) -> None:

@@ -250,7 +250,7 @@ def diff_trees(a: Path, b: Path, *, mtimes: bool = True) -> list[str]:
             problems.append(f"missing from replica: {path!r}")
         elif sa[path] != sb[path]:
             fields = ["type", "mode", "uid", "gid", "content", "mtime", "xattrs", "links"]
-            bad = [f for f, x, y in zip(fields, sa[path], sb[path]) if x != y]
+            bad = [f for f, x, y in zip(fields, sa[path], sb[path], strict=False) if x != y]
             if len(sa[path]) != len(sb[path]):
                 bad.append("links")
             problems.append(f"differs: {path!r}: {', '.join(bad)}")

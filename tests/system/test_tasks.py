@@ -128,7 +128,7 @@ def test_execute_task_holds_later_writes(cluster: Cluster, tmp_path: Path) -> No
 
 
 def test_exit_codes_and_refusals(cluster: Cluster, tmp_path: Path) -> None:
-    volume, source, (target,), snapdir = _setup(cluster, tmp_path)
+    _, source, (target,), snapdir = _setup(cluster, tmp_path)
     out = _queue(source, "1", "exit7", "--wait", "--timeout", "30", check=False)
     assert out["returncode"] == 7, out
     tasks = json.loads(source.cli("tasks", "1").stdout)["data"]["tasks"]
@@ -154,7 +154,7 @@ def test_exit_codes_and_refusals(cluster: Cluster, tmp_path: Path) -> None:
 
 
 def test_queuetask_star_one_to_many(cluster: Cluster, tmp_path: Path) -> None:
-    volume, source, targets, snapdir = _setup(cluster, tmp_path, targets=2)
+    volume, source, _targets, snapdir = _setup(cluster, tmp_path, targets=2)
     (volume / "x").write_text("before")
     out = _queue(source, "*", "record", "--wait", "--timeout", "60")
     assert out["returncode"] == 0, out
@@ -169,7 +169,7 @@ def test_queuetask_star_one_to_many(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_task_survives_target_outage_and_interrupted_is_not_rerun(
         cluster: Cluster, tmp_path: Path) -> None:
-    volume, source, (target,), snapdir = _setup(cluster, tmp_path)
+    _volume, source, (target,), snapdir = _setup(cluster, tmp_path)
     target.stop()
     _queue(source, "1", "record", "while-down")
     source.stop()           # and the source restarts too: the task is in the journal
@@ -199,7 +199,7 @@ def test_task_survives_target_outage_and_interrupted_is_not_rerun(
 
 
 def test_task_processing_disabled(cluster: Cluster, tmp_path: Path) -> None:
-    volume, source, (target,), snapdir = _setup(cluster, tmp_path)
+    _volume, source, (target,), snapdir = _setup(cluster, tmp_path)
     target.cli("taskprocessing", "disable")
     wait_until(lambda: source.status()["connections"][0]["target_task_processing"] is False,
                20, what="the source to learn task processing is off on the target")
