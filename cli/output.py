@@ -29,12 +29,31 @@ class Printer:
         self.json_mode = json_mode
         self.out = out
         self.err = err
+        self._bar_open = False
+
+    def _end_bar(self) -> None:
+        if self._bar_open:
+            self.err.write("\n")
+            self._bar_open = False
 
     def progress(self, event: Mapping[str, Any]) -> None:
-        """One progress event from the agent (or a note from the CLI itself)."""
+        """One progress event from the agent (or a note from the CLI itself).
+
+        Events with a ``percent`` redraw one bar line on a terminal; elsewhere every
+        event is its own plain line.
+        """
         if self.json_mode:
             _write(self.err, _json_line(dict(event)))
             return
+        percent = event.get("percent")
+        if isinstance(percent, (int, float)) and self.err.isatty():
+            filled = int(max(0.0, min(100.0, float(percent))) / 100 * 30)
+            bar = "#" * filled + "." * (30 - filled)
+            self.err.write(f"\r[{bar}] {float(percent):5.1f}% {event.get('message', '')}"[:200])
+            self.err.flush()
+            self._bar_open = True
+            return
+        self._end_bar()
         message = event.get("message")
         if not message:
             fields = {k: v for k, v in event.items() if k not in ("type", "message")}
@@ -47,6 +66,7 @@ class Printer:
 
     def result(self, result: Result, command: str | None = None) -> None:
         """The final result of ``command`` (a control command name; None for local ones)."""
+        self._end_bar()
         if self.json_mode:
             body = {
                 "ok": result.ok,
@@ -129,9 +149,24 @@ def render_status(data: Mapping[str, Any]) -> list[str] | None:
         return lines
     lines += table(headers, rows, right)
     for conn in _dicts(connections):
+        cid = _text(conn.get("id"))
+        if conn.get("mirror_required") and conn.get("mirror_reason"):
+            lines.append(f"connection {cid}: mirror required: {_text(conn.get('mirror_reason'))}")
+        if conn.get("last_error"):
+            lines.append(f"connection {cid}: {_text(conn.get('last_error'))}")
+        job = conn.get("mirror")
+        if isinstance(job, dict):
+            pct = job.get("percent")
+            lines.append(
+                f"connection {cid}: {_text(job.get('kind'))} {_text(job.get('mode'))} "
+                f"{_text(job.get('state'))}"
+                + (f" {pct}%" if pct is not None else "")
+                + f", {_text(job.get('files_done'))} entries, "
+                  f"{_text(job.get('differences'))} differences"
+                + (f" ({_text(job.get('reason'))})" if job.get("reason") else ""))
         task = conn.get("last_task")
         if isinstance(task, dict):
-            lines.append(f"connection {_text(conn.get('id'))}: last task {_task_summary(task)}")
+            lines.append(f"connection {cid}: last task {_task_summary(task)}")
     return lines
 
 

@@ -17,8 +17,12 @@ cleanup() {
 trap cleanup EXIT
 
 rm -rf "$run"
-mkdir -p "$run/keys" "$run/data" "$run/tasks.d"
+mkdir -p "$run/keys" "$run/data" "$run/tasks.d" "$run/snapshots"
 "$bin/mirrorline" keygen "$run/keys/src1.key" >/dev/null
+cp "$here/deploy/tasks/snapshot" "$run/tasks.d/snapshot" && chmod 755 "$run/tasks.d/snapshot"
+# Data that was there before protection: the automatic mirror brings it over.
+mkdir -p "$run/data/old"
+for i in $(seq 1 20); do echo "pre-existing $i" >"$run/data/old/file-$i"; done
 
 cat >"$run/target.toml" <<TOML
 node = "tgt1"
@@ -67,8 +71,19 @@ ln -s docs/doc-1.txt "$run/data/latest"
 mv "$run/data/docs/doc-50.txt" "$run/data/docs/archived.txt"
 setfattr -n user.owner -v demo "$run/data/db/table.dat" 2>/dev/null || true
 
+echo "== a point-in-time snapshot on the target, inline with the data (task command processing)"
+"$bin/mirrorline" queuetask 1 snapshot "$run/snapshots" after-sample --wait --timeout 60
+echo "more data after the task" >"$run/data/docs/after-the-snapshot.txt"
 echo "== mirrorline wait queue 1"
 "$bin/mirrorline" wait queue 1 --timeout 30
+for _ in $(seq 100); do
+    "$bin/mirrorline" --json status | grep -q '"mirror_required":false' && break
+    sleep 0.2
+done
+echo "== mirrorline verify 1 --wait"
+"$bin/mirrorline" verify 1 --wait --timeout 60
+echo "== mirrorline tasks"
+"$bin/mirrorline" tasks
 echo "== mirrorline status"
 "$bin/mirrorline" status
 echo "== mirrorline --socket target.sock status"
@@ -79,4 +94,9 @@ if diff -r "$run/data" "$run/replica/src1/data"; then
 else
     echo "replica differs"; exit 1
 fi
+if [ -e "$run/snapshots/after-sample/docs/after-the-snapshot.txt" ] || \
+   [ ! -e "$run/snapshots/after-sample/db/table.dat" ]; then
+    echo "the snapshot is not the state at the task's point"; exit 1
+fi
+echo "snapshot $run/snapshots/after-sample holds exactly the state at the task's point"
 echo "== stopping (SIGTERM: flush the journal, unmount)"

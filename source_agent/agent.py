@@ -382,11 +382,17 @@ class SourceAgent:
             for diff in job.differences:
                 f.write(f"  {','.join(diff.what)}\t{diff.path.decode(errors='surrogateescape')}\n")
 
-    async def _wait_jobs(self, jobs: list[MirrorJob], limit_s: Any) -> bool:
+    async def _wait_jobs(self, jobs: list[MirrorJob], limit_s: Any,
+                         emit: Emit | None = None) -> bool:
+        """Wait for ``jobs``, sending a progress event every second through ``emit``."""
         limit = float(limit_s) if limit_s is not None else float("inf")
         with trio.move_on_after(limit):
             for job in jobs:
-                await job.done.wait()
+                while not job.done.is_set():
+                    with trio.move_on_after(1.0):
+                        await job.done.wait()
+                    if emit is not None and not job.done.is_set():
+                        await emit(_progress_event(job))
             return True
         return False
 
@@ -419,7 +425,7 @@ class SourceAgent:
         if not args.get("wait"):
             return ok(f"{mode} mirror started on {_ids([j.conn.id for j in jobs])}",
                       mirrors=[j.status() for j in jobs])
-        if not await self._wait_jobs(jobs, args.get("wait_timeout")):
+        if not await self._wait_jobs(jobs, args.get("wait_timeout"), emit):
             return failed("timed out waiting for the mirror", Exit.TIMEOUT,
                           mirrors=[j.status() for j in jobs])
         bad = [j for j in jobs if j.state != "done"]
@@ -447,7 +453,7 @@ class SourceAgent:
         if not args.get("wait"):
             return ok(f"verify started on {_ids([j.conn.id for j in jobs])}; see status, "
                       f"and the log in {self._verify_log_path(jobs[0].conn.id) if jobs else '-'}")
-        if not await self._wait_jobs(jobs, args.get("wait_timeout")):
+        if not await self._wait_jobs(jobs, args.get("wait_timeout"), emit):
             return failed("timed out waiting for the verify", Exit.TIMEOUT)
         report = [{"conid": j.conn.id, "in_sync": not j.differences and j.state == "done",
                    "state": j.state, "entries": j.files_done,
@@ -514,6 +520,16 @@ class SourceAgent:
         behind = {c.id: goals[c.id] - c.acked_seq for c in conns if c.acked_seq < goals[c.id]}
         return failed(f"timed out after {timeout} s; ops still pending: {behind}", Exit.TIMEOUT,
                       pending=behind)
+
+
+def _progress_event(job: MirrorJob) -> dict[str, Any]:
+    st = job.status()
+    done_mb, total_mb = st["bytes_done"] / 1e6, st["bytes_total"] / 1e6
+    eta = f", ETA {st['eta_seconds']:.0f}s" if st["eta_seconds"] is not None else ""
+    total = f"/{st['files_total']}" if st["scan_complete"] else " (scanning)"
+    message = (f"{job.kind} {job.conn.id} {st['state']}: {st['files_done']}{total} entries, "
+               f"{done_mb:.1f}/{total_mb:.1f} MB, {st['rate_bytes_per_s'] / 1e6:.1f} MB/s{eta}")
+    return {**st, "message": message}
 
 
 def _ids(ids: list[int]) -> str:
