@@ -55,3 +55,12 @@ clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache build dist demo-run
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -maxdepth 1 -name '*.egg-info' -exec rm -rf {} +
+
+# Benchmarks against rsync and lsyncd (bench/run.py; results in bench/RESULTS.md).
+# Not part of `make test`; `python bench/run.py --smoke` is the quick check of the harness.
+.PHONY: bench bench-quick
+bench: venv
+	$(BIN)/python bench/run.py
+
+bench-quick: venv
+	$(BIN)/python bench/run.py --quick
