@@ -15,8 +15,6 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
-from pydantic import ValidationError
-
 from cli.client import (
     ClientError,
     ResponseError,
@@ -36,7 +34,7 @@ from cli.grammar import (
     usage,
 )
 from cli.output import Printer
-from protocol.control import Exit, Result, failed, ok
+from protocol.control import ControlError, Exit, Result, failed, ok
 
 # Extra time the client gives the agent past a --timeout the agent also enforces, so that
 # the agent's own timeout answer (exit 4 with its reason) arrives before ours.
@@ -88,8 +86,8 @@ def call(command: Remote, socket_path: str, printer: Printer) -> int:
                 printer.progress(response)
                 continue
             try:
-                result = Result.model_validate(response)
-            except ValidationError as exc:
+                result = Result.from_json(response)
+            except ControlError as exc:
                 raise ResponseError(f"bad result from the daemon at {socket_path}: {exc}") from exc
     except TimedOutError:
         # say the user's --timeout, not the grace-extended one the client waited
