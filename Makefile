@@ -15,7 +15,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mirrorline-installed
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config
 
-.PHONY: all deps venv test demo lint clean
+.PHONY: all deps venv test test-slow demo lint clean
 
 all: test
 
@@ -42,7 +42,10 @@ $(STAMP): pyproject.toml | deps
 	touch $@
 
 test: venv
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -m "not slow" tests
+
+test-slow: venv
+	$(BIN)/pytest -q -s -m slow tests
 
 demo: venv
 	bash deploy/demo.sh

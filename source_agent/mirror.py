@@ -21,10 +21,12 @@ unclean stop) checks only entries whose ctime is at or after a point in time.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -112,13 +114,22 @@ class MirrorJob:
     checks: int = 0
     scan_complete: bool = False
     differences: list[Difference] = field(default_factory=list)
+    difference_count: int = 0
     orphan_list: list[dict[str, Any]] = field(default_factory=list)
     orphans_removed: int = 0
     error: str = ""
     done: trio.Event = field(default_factory=trio.Event)
     _pending: dict[int, PendingCheck] = field(default_factory=dict)
-    _results_in: Any = None
-    _results_out: Any = None
+    # Answers not yet handled. Never dropped: there are at most as many as checks
+    # pending, and _pace bounds those.
+    _answers: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)
+    _answer_ready: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    #: Directories known to exist on the target in this job (answered or sent).
+    _dirs_ok: set[bytes] = field(default_factory=set)
+    #: Hard-link groups: first path -> later paths waiting for the first to be in place.
+    _link_waiting: dict[bytes, list[bytes]] = field(default_factory=dict)
+    _link_ready: set[bytes] = field(default_factory=set)
+    _leaders: set[bytes] = field(default_factory=set)
     _resume: trio.Event = field(default_factory=trio.Event)
     _paused: bool = False
     _links: dict[tuple[int, int], bytes] = field(default_factory=dict)
@@ -126,8 +137,6 @@ class MirrorJob:
     _cancel: trio.CancelScope | None = None
 
     def __post_init__(self) -> None:
-        self._results_in, self._results_out = trio.open_memory_channel[tuple[int, dict[str, Any]]](
-            MAX_PENDING_CHECKS * 4)
         self._resume.set()
 
     # -- control ----------------------------------------------------------------------
@@ -166,7 +175,7 @@ class MirrorJob:
             "files_done": self.files_done, "files_total": self.files_total,
             "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
             "bytes_sent": self.bytes_sent, "checks": self.checks,
-            "differences": len(self.differences), "orphans_found": len(self.orphan_list),
+            "differences": self.difference_count, "orphans_found": len(self.orphan_list),
             "orphans_removed": self.orphans_removed, "percent": percent,
             "rate_bytes_per_s": round(rate), "eta_seconds": eta,
             "scan_complete": self.scan_complete, "error": self.error,
@@ -179,11 +188,8 @@ class MirrorJob:
         """Called by the sender for every CHECK_RESULT of this connection."""
         if frame.result.get("job") != self.id:
             return
-        try:
-            self._results_in.send_nowait((frame.seq, frame.result))
-        except trio.WouldBlock:
-            log.warning("mirror result queue full; the check will be re-issued",
-                        conid=self.conn.id, seq=frame.seq)
+        self._answers.append((frame.seq, frame.result))
+        self._answer_ready.unpark_all()
 
     # -- the job ----------------------------------------------------------------------
 
@@ -310,9 +316,14 @@ class MirrorJob:
             return
         if entry == "file" and st.st_nlink > 1:
             first = self._links.setdefault((st.st_dev, st.st_ino), path)
+            self._leaders.add(first)
             if first != path:
-                self._emit(PrepareOp(path, "file", []))
-                self._emit(LinkOp(first, path))
+                # Linked only once the first name is in place on the target (after its
+                # check is answered and repaired), or the link would find nothing.
+                if first in self._link_ready or (self.kind == "mirror" and self.mode == "full"):
+                    self._link(first, path)
+                else:
+                    self._link_waiting.setdefault(first, []).append(path)
                 self.bytes_done += st.st_size
                 return
         if self.kind == "mirror" and self.mode == "full":
@@ -359,7 +370,9 @@ class MirrorJob:
     async def _answer_loop(self) -> None:
         while True:
             with trio.move_on_after(1.0):
-                seq, result = await self._results_out.receive()
+                while not self._answers:
+                    await self._answer_ready.park()
+                seq, result = self._answers.popleft()
                 pending = self._pending.get(seq)
                 if pending is not None:
                     # Removed only once its repair ops are appended, so _drain cannot
@@ -396,17 +409,48 @@ class MirrorJob:
             self._check(self._meta_check(pending.path, pending.path, base, st, pending.entry),
                         pending.path, pending.entry)
 
+    def _link(self, first: bytes, path: bytes) -> None:
+        self._ensure_parents(path)
+        self._emit(PrepareOp(path, "file", []))
+        self._emit(LinkOp(first, path))
+
     async def _answered(self, pending: PendingCheck, result: dict[str, Any]) -> None:
         if "orphans" in result:
             await self._handle_orphans(pending.path, result["orphans"])
         what = list(result.get("what", []))
-        if not what or result.get("skip"):
-            return
-        if self.kind == "verify":
-            self._note_difference(pending.path, what)
-            if not self.remirror:
-                return
-        await self._repair(pending, what, result.get("blocks", []))
+        if pending.entry == "dir" and not {"missing", "type"} & set(what):
+            self._dirs_ok.add(pending.path)
+        if what and not result.get("skip"):
+            self.difference_count += 1
+            if self.kind == "verify":   # the list only for verify: a mirror may fix 10^6
+                self._note_difference(pending.path, what)
+            if self.kind != "verify" or self.remirror:
+                await self._repair(pending, what, result.get("blocks", []))
+        if (pending.entry == "file" and pending.path in self._leaders
+                and self._is_last_range(pending.path, pending.offset)):
+            self._link_ready.add(pending.path)
+            for later in self._link_waiting.pop(pending.path, []):
+                if self.kind != "verify" or self.remirror:
+                    self._link(pending.path, later)
+
+    def _is_last_range(self, path: bytes, offset: int) -> bool:
+        # The last range of a file is the highest offset still pending for it (or none).
+        return not any(p.path == path and p.offset > offset for p in self._pending.values())
+
+    def _ensure_parents(self, path: bytes) -> None:
+        """Send the directories above ``path`` that this job has not seen on the target.
+
+        A repair can run before the repair of its parent directory (its check was
+        answered first, or the parent's answer was lost with a session); without
+        this, creating the entry would find no parent.
+        """
+        parent = os.path.dirname(path)
+        missing = []
+        while parent and parent not in self._dirs_ok:
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for directory in reversed(missing):
+            self._send_dir(directory)
 
     def _note_difference(self, path: bytes, what: list[str]) -> None:
         for diff in self.differences:
@@ -478,6 +522,7 @@ class MirrorJob:
         except FileNotFoundError:
             return
         names = _xattr_names(base, path, "dir")
+        self._dirs_ok.add(path)
         self._emit(PrepareOp(path, "dir", names))
         self._emit(MkdirOp(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                            st.st_mtime_ns))
@@ -495,6 +540,7 @@ class MirrorJob:
             return
         entry = entry_kind(st.st_mode)
         mode = stat.S_IMODE(st.st_mode)
+        self._ensure_parents(path)
         if entry == "dir":
             self._send_dir(path)
         elif entry == "symlink":
@@ -507,6 +553,11 @@ class MirrorJob:
             self._send_meta(path, ["mode", "owner", "xattrs", "mtime"])
         elif entry == "file":
             await self._send_file(path)
+            if (st.st_dev, st.st_ino) in self._links and st.st_nlink > 1:
+                # Replacing the file broke its hard links on the target: link again.
+                first = self._links[(st.st_dev, st.st_ino)]
+                if first == path:
+                    self._link_ready.add(path)
 
     async def _send_file(self, path: bytes) -> None:
         base = self.volume.backing_fd
@@ -605,9 +656,11 @@ def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     while offset < size:
         try:
             start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return          # only a hole from here on
             if offset == 0:
-                yield 0, size
+                yield 0, size   # SEEK_DATA unsupported: treat it all as data
             return
         end = os.lseek(fd, start, os.SEEK_HOLE)
         yield start, min(end, size)

@@ -49,7 +49,7 @@ class Churn:
             if want in ("any", "file"):
                 for f in filenames:
                     p = os.path.join(dirpath, f)
-                    if want == "any" or os.path.isfile(p) and not os.path.islink(p):
+                    if want == "any" or (os.path.isfile(p) and not os.path.islink(p)):
                         found.append(p)
         return self.rng.choice(found) if found else None
 
