@@ -21,7 +21,6 @@ unclean stop) checks only entries whose ctime is at or after a point in time.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import time
@@ -43,21 +42,13 @@ from protocol.ops import (
     CHECK_NEWER,
     CHECK_ORPHANS,
     CheckOp,
-    ChmodOp,
-    ChownOp,
-    CreateOp,
     LinkOp,
-    MkdirOp,
-    MknodOp,
     NoteOp,
     Op,
     PrepareOp,
-    SetxattrOp,
-    SymlinkOp,
-    TruncateOp,
-    UtimensOp,
     WriteOp,
 )
+from protocol.runtime.entries import dir_ops, entry_ops, meta_ops, xattr_items
 from source_agent.registry import Connection
 from source_agent.volume import Volume
 
@@ -290,7 +281,7 @@ class MirrorJob:
         changed = not restricted or st.st_ctime >= self.restricted_since  # type: ignore[operator]
         if path and self.kind != "orphans" and changed:
             if self.kind == "mirror" and self.mode == "full":
-                self._send_dir(path, dfd)
+                self._send_dir(path)
             else:
                 self._check(self._meta_check(path, b".", dfd, st, "dir"), path, "dir")
         want_orphans = (self.kind == "orphans" or self.orphans == "remove") and changed
@@ -514,154 +505,45 @@ class MirrorJob:
 
     # -- sending entries whole ----------------------------------------------------------
 
-    def _send_dir(self, path: bytes, parent_dfd: int | None = None) -> None:
+    def _send_dir(self, path: bytes) -> None:
         base = self.volume.backing_fd
         assert base is not None
-        try:
-            st = os.stat(path, dir_fd=base, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        names = _xattr_names(base, path, "dir")
         self._dirs_ok.add(path)
-        self._emit(PrepareOp(path, "dir", names))
-        self._emit(MkdirOp(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                           st.st_mtime_ns))
-        self._emit(ChmodOp(path, stat.S_IMODE(st.st_mode)))
-        self._emit(ChownOp(path, st.st_uid, st.st_gid))
-        self._send_xattrs(path, "dir")
+        for op in dir_ops(base, path):
+            self._emit(op)
+
+    def _send_meta(self, path: bytes, what: list[str]) -> None:
+        base = self.volume.backing_fd
+        assert base is not None
+        for op in meta_ops(base, path, what):
+            self._emit(op)
 
     async def _send_entry(self, path: bytes) -> None:
         """Replace the target entry at ``path`` with the source's, whole, right now."""
         base = self.volume.backing_fd
         assert base is not None
-        try:
-            st = os.stat(path, dir_fd=base, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        entry = entry_kind(st.st_mode)
-        mode = stat.S_IMODE(st.st_mode)
         self._ensure_parents(path)
-        if entry == "dir":
-            self._send_dir(path)
-        elif entry == "symlink":
-            self._emit(PrepareOp(path, "symlink", []))
-            self._emit(SymlinkOp(path, os.readlink(path, dir_fd=base), st.st_uid, st.st_gid,
-                                 st.st_mtime_ns))
-        elif entry == "fifo":
-            self._emit(PrepareOp(path, "fifo", _xattr_names(base, path, entry)))
-            self._emit(MknodOp(path, stat.S_IFIFO | mode, st.st_uid, st.st_gid, st.st_mtime_ns))
-            self._send_meta(path, ["mode", "owner", "xattrs", "mtime"])
-        elif entry == "file":
-            await self._send_file(path)
-            if (st.st_dev, st.st_ino) in self._links and st.st_nlink > 1:
-                # Replacing the file broke its hard links on the target: link again.
-                first = self._links[(st.st_dev, st.st_ino)]
-                if first == path:
-                    self._link_ready.add(path)
-
-    async def _send_file(self, path: bytes) -> None:
-        base = self.volume.backing_fd
-        assert base is not None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base)
-        except OSError:
-            return
-        try:
-            st = os.fstat(fd)
-            mode = stat.S_IMODE(st.st_mode)
-            self._emit(PrepareOp(path, "file", _xattr_names(base, path, "file")))
-            self._emit(CreateOp(path, mode, st.st_uid, st.st_gid, st.st_mtime_ns))
-            self._emit(TruncateOp(path, 0, st.st_mtime_ns))
-            self._emit(TruncateOp(path, st.st_size, st.st_mtime_ns))
-            for start, end in _data_extents(fd, st.st_size):
-                offset = start
-                while offset < end:
-                    await self._pace()
-                    # Each chunk is read and appended with no await in between.
-                    data = os.pread(fd, min(WRITE_CHUNK, end - offset), offset)
-                    if not data:
-                        break
-                    self._emit(WriteOp(path, offset, data, os.fstat(fd).st_mtime_ns))
-                    self.bytes_sent += len(data)
-                    offset += len(data)
-        finally:
-            os.close(fd)
-        self._send_meta(path, ["mode", "owner", "xattrs", "mtime"])
-
-    def _send_meta(self, path: bytes, what: list[str]) -> None:
-        base = self.volume.backing_fd
-        assert base is not None
         try:
             st = os.stat(path, dir_fd=base, follow_symlinks=False)
         except FileNotFoundError:
+            return   # gone since: its removal is in the stream
+        if stat.S_ISDIR(st.st_mode):
+            self._send_dir(path)
             return
-        entry = entry_kind(st.st_mode)
-        if entry != "symlink":
-            self._emit(ChmodOp(path, stat.S_IMODE(st.st_mode)))
-        self._emit(ChownOp(path, st.st_uid, st.st_gid))
-        if "xattrs" in what and entry != "symlink":
-            self._emit(PrepareOp(path, entry, _xattr_names(base, path, entry))
-                       if entry != "file" or st.st_nlink == 1 else NoteOp(""))
-            self._send_xattrs(path, entry)
-        if "size" in what and entry == "file":
-            self._emit(TruncateOp(path, st.st_size, st.st_mtime_ns))
-        if entry == "file" or "mtime" in what:
-            self._emit(UtimensOp(path, st.st_atime_ns, st.st_mtime_ns))
-
-    def _send_xattrs(self, path: bytes, entry: str) -> None:
-        base = self.volume.backing_fd
-        assert base is not None
-        for name, value in _xattr_items(base, path, entry):
-            self._emit(SetxattrOp(path, name, value, 0))
+        for op in entry_ops(base, path):
+            # Appended as soon as it was read; awaiting only after that keeps each
+            # chunk at its point of the stream.
+            self._emit(op)
+            if isinstance(op, WriteOp):
+                self.bytes_sent += len(op.data)
+                await self._pace()
+        if path in self._leaders:
+            self._link_ready.add(path)
 
 
 def _meta(st: os.stat_result) -> list[int]:
     return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns]
 
 
-def _xattr_items(dfd: int, name: bytes, entry: str) -> list[tuple[bytes, bytes]]:
-    if entry == "symlink":
-        return []
-    try:
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError:
-        return []
-    try:
-        proc = f"/proc/self/fd/{fd}"
-        items = []
-        for key in os.listxattr(proc):
-            if key.startswith("user."):
-                try:
-                    items.append((key.encode(), os.getxattr(proc, key)))
-                except OSError:
-                    pass
-        return items
-    except OSError:
-        return []
-    finally:
-        os.close(fd)
-
-
-def _xattr_names(dfd: int, name: bytes, entry: str) -> list[bytes]:
-    return [n for n, _ in _xattr_items(dfd, name, entry)]
-
-
 def _xattrs_digest(dfd: int, name: bytes, entry: str) -> bytes:
-    return xattr_digest(_xattr_items(dfd, name, entry))
-
-
-def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of the data regions of a file; the whole file if SEEK_DATA fails."""
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return          # only a hole from here on
-            if offset == 0:
-                yield 0, size   # SEEK_DATA unsupported: treat it all as data
-            return
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, min(end, size)
-        offset = end
+    return xattr_digest(xattr_items(dfd, name, entry))

@@ -26,27 +26,10 @@ from protocol.ops import (
     CheckOp,
     PrepareOp,
 )
+from protocol.runtime.entries import xattr_items
 from target_agent.pathguard import PathError, PathGuard
 
 _PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _user_xattrs(guard_fd: int, name: bytes, kind: str) -> list[tuple[bytes, bytes]]:
-    if kind == "symlink":
-        return []
-    fd = os.open(name, _PATH, dir_fd=guard_fd)
-    try:
-        proc = f"/proc/self/fd/{fd}"
-        out = []
-        for key in os.listxattr(proc):
-            if key.startswith("user."):
-                try:
-                    out.append((key.encode(), os.getxattr(proc, key)))
-                except OSError:
-                    pass
-        return out
-    finally:
-        os.close(fd)
 
 
 def check(guard: PathGuard, op: CheckOp) -> dict[str, Any]:
@@ -85,7 +68,7 @@ def check(guard: PathGuard, op: CheckOp) -> dict[str, Any]:
                 what.append("mtime")
         if kind == "symlink" and os.readlink(name, dir_fd=parent_fd) != op.link:
             what.append("link")
-        if xattr_digest(_user_xattrs(parent_fd, name, kind)) != op.xattrs:
+        if xattr_digest(xattr_items(parent_fd, name, kind)) != op.xattrs:
             what.append("xattrs")
     if kind == "file" and op.hashes and not op.flags & CHECK_DIFFERENT:
         blocks = _differing_blocks(parent_fd, name, op)
