@@ -61,7 +61,9 @@ SYNOPSIS: Final[dict[str, tuple[str, ...]]] = {
         "orphans list|remove <conid> [olderthan=<days>]",
         "orphans move <conid> [olderthan=<days>]   (to the target's holding area)",
     ),
-    "restore": ("restore <conid> [--wait [--timeout S]]",),
+    "restore": ("restore <conid> [overwrite|newer|checksum] [orphans=remove|keep] "
+                "[--wait [--timeout S]]",),
+    "failback": ("failback <source-node> <conid>|*      (on the target; restore required stays)",),
     "queuetask": (
         "queuetask <conid>|* <task> [<arg>...] [on=queue|transmit|receive|execute]",
         "          [timeout=<n>[s|m|h|d]|forever] [--wait [--timeout S]] [-- <arg>...]",
@@ -626,9 +628,27 @@ def _parse_orphans(words: _Words) -> Command:
 def _parse_restore(words: _Words) -> Command:
     flags = words.take_flags("wait", "timeout")
     conid = words.take_conid(allow_all=False)
-    words.done()
+    mode, orphans = "overwrite", "remove"
+    while words.words:
+        word = words.take("option").lower()
+        if word in ("overwrite", "newer", "checksum"):
+            mode = word
+        elif word in ("orphans=remove", "orphans=keep"):
+            orphans = word.split("=", 1)[1]
+        else:
+            raise words.error(f"unexpected {word!r} (overwrite|newer|checksum, "
+                              "orphans=remove|keep)")
     deadline = _timeout_flag(words, flags)
-    return _remote("restore", {"conid": conid, "wait": bool(flags.get("wait"))}, deadline)
+    return _remote("restore", {"conid": conid, "mode": mode, "orphans": orphans,
+                               "wait": bool(flags.get("wait"))}, deadline)
+
+
+def _parse_failback(words: _Words) -> Command:
+    words.take_flags()
+    source = words.take("<source-node>")
+    conid = words.take_conid()
+    words.done()
+    return _remote("failback", {"source": source, "conid": conid})
 
 
 def _parse_keygen(words: _Words) -> Command:
@@ -666,6 +686,7 @@ _PARSERS: Final[dict[str, Callable[[_Words], Command]]] = {
     "verify": _parse_verify,
     "orphans": _parse_orphans,
     "restore": _parse_restore,
+    "failback": _parse_failback,
     "queuetask": _parse_queuetask,
     "tasks": _parse_tasks,
     "taskprocessing": _parse_taskprocessing,

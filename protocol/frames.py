@@ -54,6 +54,12 @@ class Hello(Frame):
     first_seq: int = 1
     #: The operator ran `replication start … clearrestorerequired`: clear it here too.
     clear_restore_required: bool = False
+    #: "replicate", or "restore": the target streams the replica back (reverse stream).
+    purpose: str = "replicate"
+    restore_mode: str = "overwrite"      # overwrite | newer | checksum
+    restore_orphans: str = "remove"      # remove | keep
+    #: The source journal's last seq when the restore began: the replica's seq after it.
+    restore_seq: int = 0
 
 
 class Challenge(Frame):
@@ -80,6 +86,8 @@ class Welcome(Frame):
     message: str = ""
     #: Runnable task names in the target's task_dir, so the source can refuse at queue time.
     tasks: list[str] = []
+    #: A restore session: from here on the target sends OPS and the source ACKs.
+    restore: bool = False
 
 
 class Ops(Frame):

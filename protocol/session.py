@@ -100,10 +100,10 @@ def _proof(key: bytes, label: bytes, hello: Hello, target_nonce: bytes) -> bytes
     return hmac.new(key, label + _transcript(hello, target_nonce), hashlib.sha256).digest()
 
 
-_SOURCE_SENDS: Final = {State.STREAMING: (Ops, Ping, Pong, Bye, Error)}
-_TARGET_SENDS: Final = {State.STREAMING: (Ack, TaskResult, CheckResult, Ping, Pong, Bye, Error)}
-_SOURCE_RECEIVES: Final = (Ack, TaskResult, CheckResult, Ping, Pong, Bye, Error)
-_TARGET_RECEIVES: Final = (Ops, Ping, Pong, Bye, Error)
+# While streaming, by which end: the ops sender (the source; the target during a
+# restore, when the stream runs in reverse) and the ops receiver.
+_OPS_SENDER_SENDS: Final = (Ops, Ping, Pong, Bye, Error)
+_OPS_RECEIVER_SENDS: Final = (Ack, TaskResult, CheckResult, Ping, Pong, Bye, Error)
 
 
 class Session:
@@ -128,12 +128,16 @@ class Session:
         self.next_seq = 0        # next OPS first_seq expected (target) / to send (source)
         self.acked_received = 0
         self.acked_durable = 0
+        #: A restore session: the target sends OPS, the source ACKs (see Welcome.restore).
+        self.reverse = False
 
     # -- handshake -----------------------------------------------------------------
 
     def start(self, *, node: str, conid: int, volume: str, target_path: bytes, key: bytes,
               capabilities: list[str] | None = None, first_seq: int = 1,
-              clear_restore_required: bool = False) -> bytes:
+              clear_restore_required: bool = False, purpose: str = "replicate",
+              restore_mode: str = "overwrite", restore_orphans: str = "remove",
+              restore_seq: int = 0) -> bytes:
         """Source: begin the handshake. Returns the HELLO bytes to send."""
         self._require(Role.SOURCE, State.START)
         if len(key) < MIN_KEY_BYTES:
@@ -142,7 +146,9 @@ class Session:
         self.hello = Hello(versions=[VERSION], node=node, conid=conid, volume=volume,
                            target_path=target_path, nonce=os.urandom(NONCE_BYTES),
                            capabilities=capabilities or [], first_seq=first_seq,
-                           clear_restore_required=clear_restore_required)
+                           clear_restore_required=clear_restore_required, purpose=purpose,
+                           restore_mode=restore_mode, restore_orphans=restore_orphans,
+                           restore_seq=restore_seq)
         self.state = State.HELLO_SENT
         return encode_frame(self.hello)
 
@@ -163,7 +169,9 @@ class Session:
         """Target: after AUTH was verified, send WELCOME and start streaming."""
         self._require(Role.TARGET, State.AUTHENTICATED)
         self.welcome = welcome
+        self.reverse = welcome.restore
         self.next_seq = welcome.resume_from
+        self.acked_received = self.acked_durable = welcome.resume_from - 1
         self.state = State.STREAMING
         self._decoder.max_frame = self._max_frame
         return encode_frame(welcome)
@@ -175,7 +183,9 @@ class Session:
         if isinstance(frame, Error):
             self.state = State.CLOSED
             return encode_frame(frame)
-        allowed = (_SOURCE_SENDS if self.role is Role.SOURCE else _TARGET_SENDS).get(self.state, ())
+        allowed: tuple[type[Frame], ...] = ()
+        if self.state is State.STREAMING:
+            allowed = _OPS_SENDER_SENDS if self.sends_ops else _OPS_RECEIVER_SENDS
         if not isinstance(frame, allowed):
             raise LocalProtocolError(f"{self.role.value} may not send {type(frame).__name__} "
                                      f"in state {self.state.value}")
@@ -189,8 +199,8 @@ class Session:
         return encode_frame(frame)
 
     def send_encoded_ops(self, first_seq: int, encoded_ops: list[bytes]) -> bytes:
-        """Source: an OPS frame from journal-encoded ops, with the same seq checks as send()."""
-        if self.role is not Role.SOURCE or self.state is not State.STREAMING:
+        """An OPS frame from journal-encoded ops, with the same seq checks as send()."""
+        if not self.sends_ops or self.state is not State.STREAMING:
             raise LocalProtocolError(f"{self.role.value} may not send OPS in {self.state.value}")
         if first_seq != self.next_seq or not encoded_ops:
             raise LocalProtocolError(f"OPS starts at {first_seq}, expected {self.next_seq}")
@@ -255,15 +265,7 @@ class Session:
                                           "(wrong key)")
             self.state = State.AUTHENTICATED
         elif self.state is State.STREAMING:
-            if not isinstance(frame, _TARGET_RECEIVES):
-                raise ProtocolError(f"unexpected {type(frame).__name__} while streaming")
-            if isinstance(frame, Ops):
-                if frame.first_seq != self.next_seq:
-                    raise ProtocolError(f"OPS starts at seq {frame.first_seq}, expected "
-                                        f"{self.next_seq} (gap or overlap)", code="sequence")
-                self.next_seq = frame.last_seq + 1
-            elif isinstance(frame, Bye):
-                self.state = State.CLOSED
+            self._streaming_receives(frame)
         else:
             raise ProtocolError(f"unexpected {type(frame).__name__} in state {self.state.value}")
 
@@ -288,25 +290,40 @@ class Session:
                 raise ProtocolError("WELCOME resume_from must be >= 1")
             self.welcome = frame
             self._decoder.max_frame = min(self._max_frame, frame.max_frame)
+            self.reverse = frame.restore
             self.next_seq = frame.resume_from
             self.acked_received = self.acked_durable = frame.resume_from - 1
             self.state = State.STREAMING
         elif self.state is State.STREAMING:
-            if not isinstance(frame, _SOURCE_RECEIVES):
-                raise ProtocolError(f"unexpected {type(frame).__name__} while streaming")
-            if isinstance(frame, Ack):
-                last_sent = self.next_seq - 1
-                if not (self.acked_received <= frame.received <= last_sent
-                        and self.acked_durable <= frame.durable <= frame.received):
-                    raise ProtocolError(
-                        f"ACK(received={frame.received}, durable={frame.durable}) is not "
-                        f"cumulative (had {self.acked_received}/{self.acked_durable}, "
-                        f"sent up to {last_sent})", code="sequence")
-                self.acked_received, self.acked_durable = frame.received, frame.durable
-            elif isinstance(frame, Bye):
-                self.state = State.CLOSED
+            self._streaming_receives(frame)
         else:
             raise ProtocolError(f"unexpected {type(frame).__name__} in state {self.state.value}")
+
+    @property
+    def sends_ops(self) -> bool:
+        """Whether this end sends OPS (and receives ACK) in the streaming phase."""
+        return (self.role is Role.SOURCE) != self.reverse
+
+    def _streaming_receives(self, frame: Frame) -> None:
+        allowed = _OPS_RECEIVER_SENDS if self.sends_ops else _OPS_SENDER_SENDS
+        if not isinstance(frame, allowed):
+            raise ProtocolError(f"unexpected {type(frame).__name__} while streaming")
+        if isinstance(frame, Ops):
+            if frame.first_seq != self.next_seq:
+                raise ProtocolError(f"OPS starts at seq {frame.first_seq}, expected "
+                                    f"{self.next_seq} (gap or overlap)", code="sequence")
+            self.next_seq = frame.last_seq + 1
+        elif isinstance(frame, Ack):
+            last_sent = self.next_seq - 1
+            if not (self.acked_received <= frame.received <= last_sent
+                    and self.acked_durable <= frame.durable <= frame.received):
+                raise ProtocolError(
+                    f"ACK(received={frame.received}, durable={frame.durable}) is not "
+                    f"cumulative (had {self.acked_received}/{self.acked_durable}, "
+                    f"sent up to {last_sent})", code="sequence")
+            self.acked_received, self.acked_durable = frame.received, frame.durable
+        elif isinstance(frame, Bye):
+            self.state = State.CLOSED
 
     def _closed(self) -> bool:
         # A method, not an inline test: mypy narrows self.state and cannot see that

@@ -21,6 +21,7 @@ from source_agent.config import SourceConfig, parse_host_port
 from source_agent.journal import Journal
 from source_agent.mirror import MirrorJob
 from source_agent.registry import Connection, Registry
+from source_agent.restore import RestoreJob
 from source_agent.sender import Sender
 from source_agent.tasks import SourceTasks
 from source_agent.volume import Volume
@@ -43,6 +44,7 @@ class SourceAgent:
                                  config.node)
         #: The current or last mirror/verify/orphans job of each connection.
         self.jobs: dict[int, MirrorJob] = {}
+        self.restores: dict[int, RestoreJob] = {}
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -222,7 +224,20 @@ class SourceAgent:
             "target_task_processing": c.target_task_processing,
             "last_task": last.public() if (last := self.task_store.last(c.id)) else None,
             "mirror": job.status() if (job := self.jobs.get(c.id)) else None,
+            "restore": r.status() if (r := self.restores.get(c.id)) else None,
+            "data_state": self._data_state(c),
         }
+
+    def _data_state(self, c: Connection) -> str:
+        """As the scripting guide names them."""
+        restore = self.restores.get(c.id)
+        if restore is not None and not restore.done.is_set():
+            return "restoring"
+        if c.restore_required:
+            return "restore required"
+        if c.mirror_required:
+            return "mirror required"
+        return "good"
 
     async def cmd_replication_start(self, args: dict[str, Any], emit: Emit) -> Result:
         conns = self._select(args)
@@ -498,6 +513,53 @@ class SourceAgent:
         return ok(f"{len(orphans)} orphan(s) {verb}"
                   + (f" to {moved_to} on the target" if moved_to else ""),
                   orphans=orphans, removed=removed, moved_to=moved_to)
+
+    async def cmd_restore(self, args: dict[str, Any], emit: Emit) -> Result:
+        conns = self._select(args)
+        if isinstance(conns, Result):
+            return conns
+        if len(conns) != 1:
+            return failed("restore takes one connection id", Exit.USAGE)
+        conn = conns[0]
+        mode = str(args.get("mode") or "overwrite")
+        orphans = str(args.get("orphans") or "remove")
+        if conn.replicating:
+            return failed(f"connection {conn.id} is replicating: stop it first with "
+                          f"`mirrorline replication stop {conn.id}` (a restore overwrites the "
+                          f"protected directory with the target's copy)")
+        running = self.restores.get(conn.id)
+        if running is not None and not running.done.is_set():
+            return failed(f"a restore of connection {conn.id} is already running")
+        mirror = self.jobs.get(conn.id)
+        if mirror is not None and not mirror.done.is_set():
+            mirror.stop()
+        job = RestoreJob(conn, self.volumes[conn.volume], self.config.node, mode=mode,
+                         orphans=orphans)
+        self.restores[conn.id] = job
+        assert self._nursery is not None
+        self._nursery.start_soon(job.run, self.registry.save)
+        if not args.get("wait"):
+            return ok(f"restore of connection {conn.id} started ({mode}, orphans={orphans})",
+                      restore=job.status())
+        limit = args.get("wait_timeout")
+        with trio.move_on_after(float(limit) if limit is not None else float("inf")):
+            while not job.done.is_set():
+                with trio.move_on_after(1.0):
+                    await job.done.wait()
+                if not job.done.is_set():
+                    st = job.status()
+                    await emit({**st, "message": f"restore {conn.id}: {st['ops_applied']} ops, "
+                                f"{st['bytes_received'] / 1e6:.1f} MB"})
+        if not job.done.is_set():
+            return failed("timed out waiting for the restore", Exit.TIMEOUT,
+                          restore=job.status())
+        if job.state != "done":
+            return failed(f"restore of connection {conn.id} failed: {job.error}; restore "
+                          f"required stays set", restore=job.status())
+        return ok(f"restore of connection {conn.id} done: {job.ops_applied} ops applied, "
+                  f"{job.kept_newer} newer files kept, {job.orphans_removed} source-only "
+                  f"entries removed; restore required cleared — start replication with "
+                  f"`mirrorline replication start {conn.id}`", restore=job.status())
 
     async def cmd_wait_queue(self, args: dict[str, Any], emit: Emit) -> Result:
         conns = self._select(args)

@@ -4,9 +4,11 @@ Layout: ``<dir>/<first_seq:020d>.seg`` files; each holds consecutive records
 
     length u32 | crc32(seq, scope and op bytes) u32 | seq u64 | scope u32 | op (msgpack)
 
-``scope`` is 0 for ops every connection gets (captured writes) and a conid for ops
-meant for one connection only (its mirror and verify traffic): other connections
-read such a record as a no-op, so their seqs stay gap-free.
+``scope`` is 0 for ops every connection gets (captured writes), a conid for ops
+meant for one connection only (its mirror and verify traffic), or EXCEPT | conid
+for ops every connection but that one gets (what a restore from that connection's
+target writes into the volume). Connections an op is not for read it as a no-op,
+so their seqs stay gap-free.
 
 Why it is right
 ---------------
@@ -42,6 +44,7 @@ from protocol.ops import NoteOp, Op
 log = structlog.get_logger("journal")
 
 RECORD: Final = struct.Struct(">IIQI")
+EXCEPT: Final = 0x80000000
 NOOP: Final = encode_op(NoteOp(""))
 INDEX_EVERY: Final = 256
 CLEAN_MARK: Final = "clean-shutdown"
@@ -321,7 +324,7 @@ class Journal:
             out: list[bytes] = []
             size = 0
             for rscope, encoded in self._tail[start:start + 65536]:
-                if rscope and rscope != scope:
+                if rscope and not _for(rscope, scope):
                     encoded = NOOP
                 out.append(encoded)
                 size += len(encoded)
@@ -351,7 +354,7 @@ class Journal:
                 if rseq != at_seq or len(body) != length:
                     raise JournalError(f"journal segment {seg.path} is damaged at seq {at_seq}")
                 if at_seq >= seq:
-                    if rscope and rscope != scope:
+                    if rscope and not _for(rscope, scope):
                         body = NOOP
                     out.append(body)
                     size += len(body)
@@ -386,3 +389,10 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _for(record_scope: int, conid: int) -> bool:
+    """Whether a record with ``record_scope`` (non-zero) is for connection ``conid``."""
+    if record_scope & EXCEPT:
+        return record_scope & ~EXCEPT != conid
+    return record_scope == conid

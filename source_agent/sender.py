@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 import trio
@@ -136,32 +137,11 @@ class Sender:
     async def _session(self) -> None:
         conn = self.conn
         journal = self.volume.journal
-        key = read_key(conn.key_file)
-        host, port = parse_host_port(conn.target)
         conn.state = "connecting"
-        with trio.fail_after(CONNECT_TIMEOUT):
-            tcp = await trio.open_tcp_stream(host, port)
-        session = Session(Role.SOURCE)
-        fs = FrameStream(tcp, session)
+        fs, welcome = await open_session(
+            conn, self.node, first_seq=max(journal.first_seq, conn.base_seq + 1),
+            clear_restore_required=conn.clear_restore_pending)
         try:
-            first_seq = max(journal.first_seq, conn.base_seq + 1)
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await fs.send_bytes(session.start(
-                    node=self.node, conid=conn.id, volume=conn.volume,
-                    target_path=conn.target_path.encode(errors="surrogateescape"), key=key,
-                    first_seq=first_seq, clear_restore_required=conn.clear_restore_pending))
-                try:
-                    frame = await fs.receive()
-                except AuthenticationError as exc:
-                    await fs.fail(exc)       # tell the target why, so it logs it too
-                    raise
-                if isinstance(frame, Error):
-                    raise RemoteError(frame.code, frame.message)
-                await fs.send_bytes(session.take_auth())
-                welcome = await fs.receive()
-                if isinstance(welcome, Error):
-                    raise RemoteError(welcome.code, welcome.message)
-            assert isinstance(welcome, Welcome)
             await self._welcomed(welcome, fs)
         finally:
             await fs.aclose()
@@ -280,3 +260,40 @@ class Sender:
                 nursery.start_soon(reader)
                 nursery.start_soon(pinger)
 
+
+async def open_session(conn: Connection, node: str, **hello: Any) -> tuple[FrameStream, Welcome]:
+    """Connect to ``conn``'s target and run the handshake; the caller closes the stream.
+
+    ``hello``: extra HELLO fields (first_seq, purpose, restore_* …).
+    Raises:
+        KeyFileError, AuthenticationError, RemoteError, ProtocolError, LinkError, OSError,
+        trio.TooSlowError: sorted by :meth:`Sender.run` into temporary and permanent.
+    """
+    key = read_key(conn.key_file)
+    host, port = parse_host_port(conn.target)
+    with trio.fail_after(CONNECT_TIMEOUT):
+        tcp = await trio.open_tcp_stream(host, port)
+    session = Session(Role.SOURCE)
+    fs = FrameStream(tcp, session)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await fs.send_bytes(session.start(
+                node=node, conid=conn.id, volume=conn.volume,
+                target_path=conn.target_path.encode(errors="surrogateescape"), key=key,
+                **hello))
+            try:
+                frame = await fs.receive()
+            except AuthenticationError as exc:
+                await fs.fail(exc)       # tell the target why, so it logs it too
+                raise
+            if isinstance(frame, Error):
+                raise RemoteError(frame.code, frame.message)
+            await fs.send_bytes(session.take_auth())
+            welcome = await fs.receive()
+            if isinstance(welcome, Error):
+                raise RemoteError(welcome.code, welcome.message)
+        assert isinstance(welcome, Welcome)
+    except BaseException:
+        await fs.aclose()
+        raise
+    return fs, welcome

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import structlog
 
 from protocol.ops import Op
-from source_agent.journal import Journal
+from source_agent.journal import EXCEPT, Journal
 
 log = structlog.get_logger("volume")
 
@@ -31,6 +31,9 @@ class Volume:
         #: Anything the agent reads of the volume goes through it: touching the mount
         #: path from the agent's own process would deadlock on its own FUSE server.
         self.backing_fd: int | None = None
+        #: While a restore from this connection's target writes into the volume, what
+        #: it writes is captured for every other connection, not sent back to it.
+        self.restoring_conid = 0
         self._on_journal_failure = on_journal_failure
         # (seq, monotonic time) samples, at most one per 10 ms, for lag_seconds.
         self._sample_seqs: list[int] = []
@@ -45,7 +48,8 @@ class Volume:
         of blocking the application.
         """
         try:
-            seq = self.journal.append(op)
+            scope = EXCEPT | self.restoring_conid if self.restoring_conid else 0
+            seq = self.journal.append(op, scope)
         except OSError as exc:
             self.journal_failures += 1
             reason = f"journal write failed ({exc.strerror or exc}); ops were not recorded"

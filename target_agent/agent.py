@@ -54,6 +54,7 @@ from protocol.session import Role, Session
 from target_agent.applier import ApplyError
 from target_agent.config import SourceEntry, TargetConfig
 from target_agent.replica import Replica
+from target_agent.restore import stream_replica
 
 log = structlog.get_logger("target")
 
@@ -200,6 +201,9 @@ class TargetAgent:
 
     async def _welcome(self, fs: FrameStream, replica: Replica, hello: Hello,
                        bound: Any) -> Replica | None:
+        if hello.purpose == "restore":
+            await self._serve_restore(fs, replica, hello, bound)
+            return None
         if hello.clear_restore_required and replica.restore_required:
             replica.restore_required = False
             replica.failed_over = False
@@ -236,6 +240,38 @@ class TargetAgent:
             replica.applied_seq = resume - 1
             await trio.to_thread.run_sync(replica.save)
         return replica
+
+    async def _serve_restore(self, fs: FrameStream, replica: Replica, hello: Hello,
+                             bound: Any) -> None:
+        """Stream the replica back to its source; on success leave failover for good."""
+        try:
+            if hello.restore_mode not in ("overwrite", "newer", "checksum") or \
+                    hello.restore_orphans not in ("remove", "keep"):
+                raise ProtocolError(f"bad restore mode {hello.restore_mode!r}/"
+                                    f"{hello.restore_orphans!r}", code="config")
+            await fs.send_bytes(fs.session.accept(Welcome(
+                node=self.config.node, resume_from=1, restore_required=replica.restore_required,
+                mirror_required=replica.mirror_required, restore=True)))
+            replica.state = "restoring"
+            bound.info("restore started", source=replica.node, conid=replica.conid,
+                       mode=hello.restore_mode, orphans=hello.restore_orphans)
+            sent = await stream_replica(fs, replica, hello)
+            replica.restore_required = False
+            replica.failed_over = False
+            replica.mirror_required = False
+            replica.mirror_reason = ""
+            replica.applied_seq = max(hello.restore_seq, 0)
+            await trio.to_thread.run_sync(replica.save)
+            await fs.send(Bye(reason="restore complete"))
+            replica.state = "idle"
+            bound.info("restore complete: the source holds the replica's data; replication "
+                       "may start again", source=replica.node, conid=replica.conid, ops=sent,
+                       applied_seq=replica.applied_seq)
+        finally:
+            if replica.state == "restoring":
+                replica.state = "failed-over" if replica.failed_over else "idle"
+        # On success only: when this raises, _handshake releases the lock.
+        replica.lock.release()
 
     async def _stream(self, fs: FrameStream, replica: Replica) -> None:
         """Receive and apply until the session ends. Holds ``replica.lock``."""
@@ -443,6 +479,23 @@ class TargetAgent:
                 pass
         return ok(f"task processing {word} on target {self.config.node}",
                   task_processing=self.task_processing)
+
+    async def cmd_failback(self, args: dict[str, Any], emit: Emit) -> Result:
+        """End a failover without restoring: restore required stays set."""
+        source = str(args.get("source", ""))
+        try:
+            reps = self._select(args.get("conid"), source)
+        except (TypeError, ValueError):
+            return failed(f"bad connection id {args.get('conid')!r}", Exit.USAGE)
+        reps = [r for r in reps if r.failed_over]
+        if not reps:
+            return failed(f"no failed-over connection {args.get('conid')} from {source!r}")
+        for replica in reps:
+            replica.failed_over = False
+            replica.state = "idle"
+            await trio.to_thread.run_sync(replica.save)
+        return ok(f"failover ended on {', '.join(f'{r.node}/{r.conid}' for r in reps)}; "
+                  "restore required stays set until a restore or clearrestorerequired")
 
     async def cmd_failover(self, args: dict[str, Any], emit: Emit) -> Result:
         source = str(args.get("source", ""))

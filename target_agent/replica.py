@@ -95,12 +95,26 @@ class Replica:
     def replica_path(self) -> str:
         return os.path.join(self.root, self.target_path)
 
+    @property
+    def data_state(self) -> str:
+        """As the scripting guide names them."""
+        if self.state == "restoring":
+            return "restoring"
+        if self.failed_over:
+            return "failed over"
+        if self.restore_required:
+            return "restore required"
+        if self.mirror_required:
+            return "mirror required"
+        return "good"
+
     def save(self) -> None:
         save_json(self.state_path, {k: getattr(self, k) for k in self._PERSISTED})
 
     def status(self) -> dict[str, Any]:
         return {
             "source": self.node, "id": self.conid, "applied_seq": self.applied_seq,
+            "data_state": self.data_state,
             "received_seq": self.received_seq, "state": self.state,
             "restore_required": self.restore_required, "mirror_required": self.mirror_required,
             "mirror_reason": self.mirror_reason, "failed_over": self.failed_over,

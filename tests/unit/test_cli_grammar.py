@@ -105,8 +105,13 @@ MIRROR_DEFAULTS: dict[str, Any] = {
          {"action": "remove", "conid": 1, "older_than_days": 7.0, "to": None}),
         ("orphans move 1 to=/srv/Orphans olderthan=0.5", "orphans",
          {"action": "move", "conid": 1, "older_than_days": 0.5, "to": "/srv/Orphans"}),
-        ("restore 3", "restore", {"conid": 3, "wait": False}),
-        ("restore 3 --wait", "restore", {"conid": 3, "wait": True}),
+        ("restore 3", "restore",
+         {"conid": 3, "mode": "overwrite", "orphans": "remove", "wait": False}),
+        ("restore 3 --wait", "restore",
+         {"conid": 3, "mode": "overwrite", "orphans": "remove", "wait": True}),
+        ("RESTORE 3 Newer orphans=keep", "restore",
+         {"conid": 3, "mode": "newer", "orphans": "keep", "wait": False}),
+        ("failback src1 2", "failback", {"source": "src1", "conid": 2}),
     ],
 )
 def test_command_maps_to_request(line: str, command: str, args: dict[str, Any]) -> None:

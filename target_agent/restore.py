@@ -1,0 +1,144 @@
+"""Restore on the target: stream a connection's replica back to its source (DESIGN §7).
+
+The stream runs in reverse on an ordinary authenticated session: the target sends
+OPS (seq 1, 2, … for this restore), the source applies them to its backing tree and
+ACKs. The ops are those a full mirror sends (``protocol.runtime.entries``), plus a
+CHECK per directory range naming the replica's entries, so the source can remove
+what only it has (``orphans=remove``), and, for ``newer``, a CHECK with the file's
+mtime before each file so the source keeps files of its own that are newer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Final
+
+import structlog
+import trio
+import trio.lowlevel
+
+from protocol.checks import BLOCK_SIZE, entry_kind
+from protocol.frames import Ack, Bye, Error, Hello, Ops, Ping, Pong
+from protocol.ops import (
+    CHECK_LAST_RANGE,
+    CHECK_NEWER,
+    CHECK_ORPHANS,
+    CheckOp,
+    LinkOp,
+    Op,
+    PrepareOp,
+)
+from protocol.runtime.entries import dir_ops, entry_ops
+from protocol.runtime.stream import FrameStream, LinkError
+from target_agent.replica import Replica
+
+log = structlog.get_logger("restore")
+
+BATCH_BYTES: Final = 1024 * 1024
+WINDOW_BYTES: Final = 16 * 1024 * 1024
+NAMES_PER_CHECK: Final = 4096
+
+
+def _meta(st: os.stat_result) -> list[int]:
+    return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns]
+
+
+async def stream_replica(fs: FrameStream, replica: Replica, hello: Hello) -> int:
+    """Send the whole replica as ops and wait until the source has them durable.
+
+    Returns the number of ops sent. Raises LinkError/ProtocolError when the session
+    breaks; nothing on the target changes then (the restore can simply run again).
+    """
+    base = os.open(replica.replica_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    acked = trio.lowlevel.ParkingLot()
+    state = {"durable": 0, "received": 0}
+    inflight: list[tuple[int, int]] = []
+
+    async def reader() -> None:
+        while True:
+            frame = await fs.receive()
+            if isinstance(frame, Ack):
+                state["durable"], state["received"] = frame.durable, frame.received
+                acked.unpark_all()
+            elif isinstance(frame, Ping):
+                await fs.send(Pong(nonce=frame.nonce))
+            elif isinstance(frame, (Bye, Error)):
+                raise LinkError(f"source ended the restore: {getattr(frame, 'message', '')}"
+                                f"{getattr(frame, 'reason', '')}")
+
+    sent = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            batch: list[Op] = []
+            size = 0
+            seq = 1
+            for op in _walk(base, hello):
+                batch.append(op)
+                size += op.wire_size()
+                if size < BATCH_BYTES:
+                    continue
+                seq = await _send(fs, seq, batch, state, acked, inflight)
+                sent += len(batch)
+                batch, size = [], 0
+            if batch:
+                seq = await _send(fs, seq, batch, state, acked, inflight)
+                sent += len(batch)
+            while state["durable"] < seq - 1:
+                await acked.park()
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(base)
+    return sent
+
+
+async def _send(fs: FrameStream, seq: int, batch: list[Op], state: dict[str, int],
+                acked: trio.lowlevel.ParkingLot, inflight: list[tuple[int, int]]) -> int:
+    while sum(b for s, b in inflight if s > state["received"]) > WINDOW_BYTES:
+        await acked.park()
+    inflight[:] = [(s, b) for s, b in inflight if s > state["received"]]
+    await fs.send(Ops(first_seq=seq, ops=batch))
+    inflight.append((seq + len(batch) - 1, sum(op.wire_size() for op in batch)))
+    await trio.lowlevel.checkpoint()
+    return seq + len(batch)
+
+
+def _walk(base: int, hello: Hello) -> Iterator[Op]:
+    """Every op of the restore, in tree order (parents before children)."""
+    links: dict[tuple[int, int], bytes] = {}
+    newer = hello.restore_mode == "newer"
+    orphans = hello.restore_orphans == "remove"
+    for dirpath, dirnames, filenames, dfd in os.fwalk(b".", dir_fd=base, follow_symlinks=False):
+        dirnames.sort()
+        rel = dirpath[2:] if dirpath.startswith(b"./") else b""
+        if rel:
+            yield from dir_ops(base, rel)
+        if orphans:
+            names = sorted(dirnames + filenames)
+            st = os.stat(b".", dir_fd=dfd)
+            for i in range(0, max(len(names), 1), NAMES_PER_CHECK):
+                chunk = names[i:i + NAMES_PER_CHECK]
+                lo = names[i - 1] if i else b""
+                hi = chunk[-1] if i + NAMES_PER_CHECK < len(names) else b""
+                yield CheckOp("restore", rel or b".", "dir", _meta(st), b"", b"", 0, BLOCK_SIZE,
+                              [], chunk, lo, hi, CHECK_ORPHANS)
+        for name in sorted(filenames):
+            path = os.path.join(rel, name) if rel else name
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            kind = entry_kind(st.st_mode)
+            if kind == "other":
+                continue
+            if newer and kind == "file":
+                yield CheckOp("restore", path, "file", _meta(st), b"", b"", 0, BLOCK_SIZE, [],
+                              [], b"", b"", CHECK_NEWER | CHECK_LAST_RANGE)
+            if kind == "file" and st.st_nlink > 1:
+                first = links.setdefault((st.st_dev, st.st_ino), path)
+                if first != path:
+                    yield PrepareOp(path, "file", [])
+                    yield LinkOp(first, path)
+                    continue
+            yield from entry_ops(base, path)
