@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-
-import trio
-
-from protocol.config_util import ConfigError
-from protocol.runtime.logging import setup_logging
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mirrorline-target",
-                                     description="Mirrorline target agent")
-    parser.add_argument("--config", required=True, help="path of the target TOML config")
-    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
-    parser.add_argument("--check", action="store_true", help="validate the config and exit")
-    args = parser.parse_args(argv)
+    from protocol.runtime.daemon import run_daemon
     from target_agent.config import load_target_config
 
-    try:
-        config = load_target_config(args.config)
-    except ConfigError as exc:
-        print(f"mirrorline-target: {exc}", file=sys.stderr)
-        return 2
-    if args.check:
-        print(f"{args.config}: ok")
-        return 0
-    setup_logging(args.log_level or config.log_level)
-    from target_agent.agent import run_target
+    async def run(config: Any) -> None:
+        from target_agent.agent import run_target
 
-    try:
-        trio.run(run_target, config)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        import structlog
+        await run_target(config)
 
-        structlog.get_logger("target").exception("target agent failed", error=str(exc))
-        print(f"mirrorline-target: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_daemon("target", load_target_config, run, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import random
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,6 @@ RUNNING = ("scanning", "repairing")
 #: A path in a verify report: relative to the replica root, surrogateescape-decoded.
 WHATS = {"content", "size", "mode", "owner", "mtime", "xattrs", "type", "missing", "link"}
 
-
-@pytest.fixture
-def cluster(tmp_path: Path, require_fuse: None) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _pair(cluster: Cluster, volume: Path, extra: str = MANUAL) -> tuple[Agent, Agent, Path]:

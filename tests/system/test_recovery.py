@@ -9,7 +9,6 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ from tests.system.workload import Churn
 
 pytestmark = [pytest.mark.system, pytest.mark.fuse]
 
-
-@pytest.fixture
-def cluster(tmp_path: Path, require_fuse: None) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _durable_seq(target: Agent) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,6 @@ from tests.system.workload import Churn
 
 pytestmark = [pytest.mark.system, pytest.mark.fuse]
 
-
-@pytest.fixture
-def cluster(tmp_path: Path, require_fuse: None) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _pair(cluster: Cluster, tmp_path: Path) -> tuple[Path, Agent, Agent]:

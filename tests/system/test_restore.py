@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,6 @@ from tests.system.harness import Agent, Cluster, diff_trees, replica_of, wait_sy
 
 pytestmark = [pytest.mark.system, pytest.mark.fuse]
 
-
-@pytest.fixture
-def cluster(tmp_path: Path, require_fuse: None) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _failed_over(cluster: Cluster, tmp_path: Path) -> tuple[Path, Agent, Agent, Path]:

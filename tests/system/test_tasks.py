@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,6 @@ TASKS = {
               '$MIRRORLINE_TASK_ID $MIRRORLINE_TARGET_PATH $(pwd) $*" >> "$SNAPDIR/record.log"\n',
 }
 
-
-@pytest.fixture
-def cluster(tmp_path: Path, require_fuse: None) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _install_tasks(agent: Agent, snapdir: Path) -> Path:
