@@ -119,6 +119,10 @@ class Sender:
                 except ProtocolError as exc:
                     self._failed("error", f"protocol error from target: {exc}")
                     delay = 5.0
+                except Exception as exc:  # a bug here must not stop the agent's other work
+                    log.exception("sender failed", conid=conn.id)
+                    self._failed("error", f"internal error: {exc}")
+                    delay = 5.0
             self._session_scope = None
             conn.connected_since = None
             if scope.cancelled_caught:

@@ -146,6 +146,9 @@ class TargetAgent:
             bound.error("cannot read the key for a source", error=str(exc))
             await fs.fail(ProtocolError("the target cannot read its key for this source",
                                         code="config"))
+        except Exception as exc:  # a bug in one session must not stop the agent
+            bound.exception("session failed", error=str(exc))
+            await fs.fail(ProtocolError(f"internal error: {exc}", code="internal"))
         finally:
             await fs.aclose()
 

@@ -30,6 +30,7 @@ from protocol.ops import (
     PrepareOp,
 )
 from protocol.runtime.entries import dir_ops, entry_ops
+from protocol.runtime.groups import single_error
 from protocol.runtime.stream import FrameStream, LinkError
 from target_agent.replica import Replica
 
@@ -69,25 +70,26 @@ async def stream_replica(fs: FrameStream, replica: Replica, hello: Hello) -> int
 
     sent = 0
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            batch: list[Op] = []
-            size = 0
-            seq = 1
-            for op in _walk(base, hello):
-                batch.append(op)
-                size += op.wire_size()
-                if size < BATCH_BYTES:
-                    continue
-                seq = await _send(fs, seq, batch, state, acked, inflight)
-                sent += len(batch)
-                batch, size = [], 0
-            if batch:
-                seq = await _send(fs, seq, batch, state, acked, inflight)
-                sent += len(batch)
-            while state["durable"] < seq - 1:
-                await acked.park()
-            nursery.cancel_scope.cancel()
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                batch: list[Op] = []
+                size = 0
+                seq = 1
+                for op in _walk(base, hello):
+                    batch.append(op)
+                    size += op.wire_size()
+                    if size < BATCH_BYTES:
+                        continue
+                    seq = await _send(fs, seq, batch, state, acked, inflight)
+                    sent += len(batch)
+                    batch, size = [], 0
+                if batch:
+                    seq = await _send(fs, seq, batch, state, acked, inflight)
+                    sent += len(batch)
+                while state["durable"] < seq - 1:
+                    await acked.park()
+                nursery.cancel_scope.cancel()
     finally:
         os.close(base)
     return sent

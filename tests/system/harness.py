@@ -52,6 +52,23 @@ def is_mounted(path: str | Path) -> bool:
     return False
 
 
+def abort_fuse(path: str | Path) -> None:
+    """Abort the FUSE connection mounted at ``path`` (found through mountinfo)."""
+    control = "/sys/fs/fuse/connections"
+    if os.path.isdir(control) and not os.path.ismount(control):
+        subprocess.run(["mount", "-t", "fusectl", "none", control], capture_output=True)
+    target = os.path.realpath(path).encode()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if fields[4].replace(b"\\040", b" ") == target and b"fuse" in line:
+                minor = fields[2].split(b":")[1].decode()
+                try:
+                    Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+                except OSError:
+                    pass
+
+
 @dataclass
 class Agent:
     """One daemon process and its config."""
@@ -96,10 +113,14 @@ class Agent:
         """SIGKILL: no chance to flush anything."""
         assert self.proc is not None
         self.proc.kill()
+        if self.kind == "source":
+            # A thread of the dying agent may be inside a request to its own mount (a
+            # restore writes through it), which no one will answer: abort the FUSE
+            # connection, as an operator (or the unit's ExecStopPost) would, then unmount.
+            for vol in self.extra.get("volumes", []):
+                abort_fuse(vol)
         self.proc.wait(10)
         if self.kind == "source":
-            # The dead FUSE server leaves a broken mount ("Transport endpoint is not
-            # connected"); an operator (or systemd's ExecStopPost) unmounts it.
             for vol in self.extra.get("volumes", []):
                 subprocess.run(["fusermount3", "-u", "-z", vol], capture_output=True)
 

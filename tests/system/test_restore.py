@@ -106,9 +106,7 @@ def test_restore_refused_while_replicating_newer_and_orphans_keep(
     assert (volume / "a").read_text() == "older on the target"       # overwrite
 
 
-# A source killed during a restore is not covered yet: the restarted source agent can
-# hang on its own mount (open issue, see the closing note of issue 8).
-@pytest.mark.parametrize("victim", ["target"])
+@pytest.mark.parametrize("victim", ["source", "target"])
 def test_killed_restore_keeps_the_flag_and_completes_later(
         cluster: Cluster, tmp_path: Path, victim: str) -> None:
     volume, source, target, replica = _failed_over(cluster, tmp_path)
