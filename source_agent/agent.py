@@ -523,9 +523,6 @@ class SourceAgent:
         conn = conns[0]
         mode = str(args.get("mode") or "overwrite")
         orphans = str(args.get("orphans") or "remove")
-        if mode == "checksum":
-            return failed("checksum restore is not implemented yet: use `overwrite` (the "
-                          "default) or `newer`", Exit.USAGE)
         if conn.replicating:
             return failed(f"connection {conn.id} is replicating: stop it first with "
                           f"`mirrorline replication stop {conn.id}` (a restore overwrites the "

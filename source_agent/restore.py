@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 import trio
 
-from protocol.frames import Ack, Bye, Error, Ops, Ping, Pong
+from protocol.frames import Ack, Bye, CheckResult, Error, Ops, Ping, Pong
 from protocol.ops import CHECK_NEWER, CHECK_ORPHANS, CheckOp, Op
 from protocol.runtime.stream import FrameStream, LinkError
 from source_agent.registry import Connection
@@ -46,10 +46,19 @@ class RestoreApplier:
         self.skip_path: bytes | None = None
         self.kept_newer = 0
         self.orphans_removed = 0
+        #: checksum mode: (seq, path, result) of CHECKs to answer before the next ACK.
+        self.answers: list[tuple[int, bytes, dict[str, Any]]] = []
 
-    def apply(self, op: Op) -> None:
+    def apply(self, op: Op, seq: int = 0) -> None:
         if isinstance(op, CheckOp):
             self.skip_path = None
+            if op.hashes or not op.flags & (CHECK_ORPHANS | CHECK_NEWER):
+                # checksum mode: which of our blocks differ from the target's?
+                self.applier.flush_times()
+                result = check(self.applier.guard, op)
+                self.answers.append((seq, op.path, {"job": op.job, "offset": op.offset,
+                                                    **result}))
+                return
             if op.flags & CHECK_ORPHANS and self.orphans == "remove":
                 self.applier.flush_times()
                 for name, _kind, _mtime in check(self.applier.guard, op).get("orphans", []):
@@ -146,7 +155,11 @@ class RestoreJob:
         while True:
             frame = await fs.receive()
             if isinstance(frame, Ops):
-                await trio.to_thread.run_sync(self._apply_batch, applier, frame.ops)
+                await trio.to_thread.run_sync(self._apply_batch, applier, frame.first_seq,
+                                              frame.ops)
+                answers, applier.answers = applier.answers, []
+                for seq, path, result in answers:   # before the ACK that covers them
+                    await fs.send(CheckResult(seq=seq, path=path, result=result))
                 self.ops_applied += len(frame.ops)
                 self.bytes_received += sum(op.wire_size() for op in frame.ops)
                 self.kept_newer = applier.kept_newer
@@ -162,7 +175,7 @@ class RestoreJob:
                 raise LinkError(f"target refused the restore: {frame.message}")
 
     @staticmethod
-    def _apply_batch(applier: RestoreApplier, ops: list[Op]) -> None:
-        for op in ops:
-            applier.apply(op)
+    def _apply_batch(applier: RestoreApplier, first_seq: int, ops: list[Op]) -> None:
+        for i, op in enumerate(ops):
+            applier.apply(op, first_seq + i)
         applier.sync()

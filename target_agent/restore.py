@@ -11,6 +11,7 @@ mtime before each file so the source keeps files of its own that are newer.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator
 from typing import Final
 
@@ -18,18 +19,21 @@ import structlog
 import trio
 import trio.lowlevel
 
-from protocol.checks import BLOCK_SIZE, entry_kind
-from protocol.frames import Ack, Bye, Error, Hello, Ops, Ping, Pong
+from protocol.checks import BLOCK_SIZE, RANGE_BYTES, block_hashes, entry_kind
+from protocol.frames import Ack, Bye, CheckResult, Error, Hello, Ops, Ping, Pong
 from protocol.ops import (
     CHECK_LAST_RANGE,
     CHECK_NEWER,
     CHECK_ORPHANS,
     CheckOp,
+    CreateOp,
     LinkOp,
     Op,
     PrepareOp,
+    TruncateOp,
+    WriteOp,
 )
-from protocol.runtime.entries import dir_ops, entry_ops
+from protocol.runtime.entries import dir_ops, entry_ops, meta_ops
 from protocol.runtime.groups import single_error
 from protocol.runtime.stream import FrameStream, LinkError
 from target_agent.replica import Replica
@@ -56,10 +60,17 @@ async def stream_replica(fs: FrameStream, replica: Replica, hello: Hello) -> int
     state = {"durable": 0, "received": 0}
     inflight: list[tuple[int, int]] = []
 
+    # checksum mode: CHECK seq -> (path, offset) until the source answers it.
+    pending: dict[int, tuple[bytes, int]] = {}
+    answers: deque[CheckResult] = deque()
+
     async def reader() -> None:
         while True:
             frame = await fs.receive()
-            if isinstance(frame, Ack):
+            if isinstance(frame, CheckResult):
+                answers.append(frame)
+                acked.unpark_all()
+            elif isinstance(frame, Ack):
                 state["durable"], state["received"] = frame.durable, frame.received
                 acked.unpark_all()
             elif isinstance(frame, Ping):
@@ -81,18 +92,62 @@ async def stream_replica(fs: FrameStream, replica: Replica, hello: Hello) -> int
                     size += op.wire_size()
                     if size < BATCH_BYTES:
                         continue
+                    _note_checks(seq, batch, pending)
                     seq = await _send(fs, seq, batch, state, acked, inflight)
                     sent += len(batch)
-                    batch, size = [], 0
-                if batch:
-                    seq = await _send(fs, seq, batch, state, acked, inflight)
-                    sent += len(batch)
-                while state["durable"] < seq - 1:
+                    batch, size = _repairs(base, answers, pending), 0
+                while True:
+                    if batch:
+                        _note_checks(seq, batch, pending)
+                        seq = await _send(fs, seq, batch, state, acked, inflight)
+                        sent += len(batch)
+                    batch = _repairs(base, answers, pending)
+                    if batch:
+                        continue
+                    if not pending and state["durable"] >= seq - 1:
+                        break
                     await acked.park()
                 nursery.cancel_scope.cancel()
     finally:
         os.close(base)
     return sent
+
+
+def _note_checks(seq: int, batch: list[Op], pending: dict[int, tuple[bytes, int]]) -> None:
+    for i, op in enumerate(batch):
+        if isinstance(op, CheckOp) and op.hashes:
+            pending[seq + i] = (op.path, op.offset)
+
+
+def _repairs(base: int, answers: deque[CheckResult],
+             pending: dict[int, tuple[bytes, int]]) -> list[Op]:
+    """Ops that send the blocks (and metadata) the source found different."""
+    ops: list[Op] = []
+    while answers:
+        answer = answers.popleft()
+        if pending.pop(answer.seq, None) is None:
+            continue
+        blocks = answer.result.get("blocks", [])
+        what = list(answer.result.get("what", []))
+        if blocks:
+            try:
+                fd = os.open(answer.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=base)
+            except OSError:
+                continue
+            try:
+                mtime = os.fstat(fd).st_mtime_ns
+                offset0 = int(answer.result.get("offset", 0))
+                for index in blocks:
+                    offset = offset0 + int(index) * BLOCK_SIZE
+                    data = os.pread(fd, BLOCK_SIZE, offset)
+                    if data:
+                        ops.append(WriteOp(answer.path, offset, data, mtime))
+            finally:
+                os.close(fd)
+        if blocks or what:
+            ops += meta_ops(base, answer.path, ["mode", "owner", "xattrs", "mtime", "size"])
+    return ops
 
 
 async def _send(fs: FrameStream, seq: int, batch: list[Op], state: dict[str, int],
@@ -110,6 +165,7 @@ def _walk(base: int, hello: Hello) -> Iterator[Op]:
     """Every op of the restore, in tree order (parents before children)."""
     links: dict[tuple[int, int], bytes] = {}
     newer = hello.restore_mode == "newer"
+    checksum = hello.restore_mode == "checksum"
     orphans = hello.restore_orphans == "remove"
     for dirpath, dirnames, filenames, dfd in os.fwalk(b".", dir_fd=base, follow_symlinks=False):
         dirnames.sort()
@@ -143,4 +199,31 @@ def _walk(base: int, hello: Hello) -> Iterator[Op]:
                     yield PrepareOp(path, "file", [])
                     yield LinkOp(first, path)
                     continue
-            yield from entry_ops(base, path)
+            if checksum and kind == "file":
+                yield from _checksum_file_ops(base, path, st)
+            else:
+                yield from entry_ops(base, path)
+
+
+def _checksum_file_ops(base: int, path: bytes, st: os.stat_result) -> Iterator[Op]:
+    """A file in checksum mode: make it exist at the right size, then CHECK each range
+    by block hashes; the source answers which blocks differ and only those are sent."""
+    yield PrepareOp(path, "file", [])
+    yield CreateOp(path, st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns)
+    yield TruncateOp(path, st.st_size, st.st_mtime_ns)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base)
+    except OSError:
+        return
+    try:
+        offset = 0
+        while True:
+            data = os.pread(fd, RANGE_BYTES, offset)
+            last = offset + len(data) >= st.st_size or len(data) < RANGE_BYTES
+            yield CheckOp("restore", path, "file", _meta(st), b"", b"", offset, BLOCK_SIZE,
+                          block_hashes(data), [], b"", b"", CHECK_LAST_RANGE if last else 0)
+            if last:
+                return
+            offset += len(data)
+    finally:
+        os.close(fd)

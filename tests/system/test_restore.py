@@ -128,3 +128,15 @@ def test_killed_restore_keeps_the_flag_and_completes_later(
     assert diff_trees(replica, volume) == []
     assert not source.status()["connections"][0]["restore_required"]
     assert not target.status()["connections"][0]["restore_required"]
+
+
+def test_checksum_restore_sends_only_differing_blocks(cluster: Cluster, tmp_path: Path) -> None:
+    volume, source, _, replica = _failed_over(cluster, tmp_path)
+    _work_on_target(replica)          # one block changed in the middle of the 3 MiB file
+    res = source.cli("restore", "1", "checksum", "--wait", "--timeout", "120")
+    data = json.loads(res.stdout)
+    assert data["ok"], data
+    assert diff_trees(replica, volume) == []
+    # The unchanged 3 MiB of "big" and the unchanged docs did not cross the link again.
+    assert data["data"]["restore"]["bytes_received"] < 1_000_000, data["data"]["restore"]
+    assert not source.status()["connections"][0]["restore_required"]
