@@ -88,6 +88,8 @@ class Welcome(Frame):
     tasks: list[str] = []
     #: A restore session: from here on the target sends OPS and the source ACKs.
     restore: bool = False
+    #: Restore: bytes of file data in the replica, for the source's progress.
+    restore_bytes: int = 0
 
 
 class Ops(Frame):

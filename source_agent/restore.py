@@ -26,7 +26,7 @@ import structlog
 import trio
 
 from protocol.frames import Ack, Bye, CheckResult, Error, Ops, Ping, Pong
-from protocol.ops import CHECK_NEWER, CHECK_ORPHANS, CheckOp, Op
+from protocol.ops import CHECK_NEWER, CHECK_ORPHANS, CheckOp, Op, WriteOp
 from protocol.runtime.stream import FrameStream, LinkError
 from source_agent.registry import Connection
 from source_agent.sender import open_session
@@ -93,6 +93,7 @@ class RestoreJob:
     state: str = "starting"
     ops_applied: int = 0
     bytes_received: int = 0
+    bytes_total: int = 0
     kept_newer: int = 0
     orphans_removed: int = 0
     error: str = ""
@@ -102,7 +103,11 @@ class RestoreJob:
 
     def status(self) -> dict[str, Any]:
         elapsed = max((self.ended or time.time()) - self.started, 1e-6)
+        percent = 100.0 if self.state == "done" else (
+            round(min(99.9, 100.0 * self.bytes_received / self.bytes_total), 1)
+            if self.bytes_total else None)
         return {"kind": "restore", "conid": self.conn.id, "mode": self.mode,
+                "percent": percent, "bytes_total": self.bytes_total,
                 "orphans": self.orphans, "state": self.state, "ops_applied": self.ops_applied,
                 "bytes_received": self.bytes_received,
                 "rate_bytes_per_s": round(self.bytes_received / elapsed),
@@ -116,9 +121,10 @@ class RestoreJob:
         applier: RestoreApplier | None = None
         try:
             self.state = "connecting"
-            fs, _welcome = await open_session(
+            fs, welcome = await open_session(
                 conn, self.node, purpose="restore", restore_mode=self.mode,
                 restore_orphans=self.orphans, restore_seq=restore_seq)
+            self.bytes_total = welcome.restore_bytes
             try:
                 self.state = "restoring"
                 log.info("restore started", conid=conn.id, mode=self.mode, orphans=self.orphans)
@@ -161,7 +167,8 @@ class RestoreJob:
                 for seq, path, result in answers:   # before the ACK that covers them
                     await fs.send(CheckResult(seq=seq, path=path, result=result))
                 self.ops_applied += len(frame.ops)
-                self.bytes_received += sum(op.wire_size() for op in frame.ops)
+                self.bytes_received += sum(len(op.data) for op in frame.ops
+                                           if isinstance(op, WriteOp))
                 self.kept_newer = applier.kept_newer
                 self.orphans_removed = applier.orphans_removed
                 await fs.send(Ack(received=frame.last_seq, durable=frame.last_seq))

@@ -54,7 +54,7 @@ from protocol.session import Role, Session
 from target_agent.applier import ApplyError
 from target_agent.config import SourceEntry, TargetConfig
 from target_agent.replica import Replica
-from target_agent.restore import stream_replica
+from target_agent.restore import replica_bytes, stream_replica
 
 log = structlog.get_logger("target")
 
@@ -252,9 +252,10 @@ class TargetAgent:
                     hello.restore_orphans not in ("remove", "keep"):
                 raise ProtocolError(f"bad restore mode {hello.restore_mode!r}/"
                                     f"{hello.restore_orphans!r}", code="config")
+            total = await trio.to_thread.run_sync(replica_bytes, replica.replica_path)
             await fs.send_bytes(fs.session.accept(Welcome(
                 node=self.config.node, resume_from=1, restore_required=replica.restore_required,
-                mirror_required=replica.mirror_required, restore=True)))
+                mirror_required=replica.mirror_required, restore=True, restore_bytes=total)))
             replica.state = "restoring"
             bound.info("restore started", source=replica.node, conid=replica.conid,
                        mode=hello.restore_mode, orphans=hello.restore_orphans)

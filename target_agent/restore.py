@@ -11,6 +11,7 @@ mtime before each file so the source keeps files of its own that are newer.
 from __future__ import annotations
 
 import os
+import stat
 from collections import deque
 from collections.abc import Iterator
 from typing import Final
@@ -47,6 +48,20 @@ NAMES_PER_CHECK: Final = 4096
 
 def _meta(st: os.stat_result) -> list[int]:
     return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns]
+
+
+def replica_bytes(path: str) -> int:
+    """Bytes of regular-file data under ``path`` (a stat walk), for restore progress."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
 
 
 async def stream_replica(fs: FrameStream, replica: Replica, hello: Hello) -> int:
