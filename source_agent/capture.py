@@ -757,14 +757,17 @@ class CaptureFS(pyfuse3.Operations):
         return None
 
     async def release(self, fh: int) -> None:
-        handle = self._files.pop(fh, None)
+        self._close_handle(self._files.pop(fh, None), "file")
+
+    def _close_handle(self, handle: Any, what: str) -> None:
+        """Close a file or directory handle's backing descriptor and forget it."""
         if handle is None:
             return
         handle.node.fds.discard(handle.fd)
         try:
             os.close(handle.fd)
         except OSError as exc:
-            log.warning("close of backing file failed", error=str(exc))
+            log.warning(f"close of backing {what} failed", error=str(exc))
         self._table.maybe_drop(handle.node)
 
     @_handler
@@ -826,15 +829,7 @@ class CaptureFS(pyfuse3.Operations):
             node.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
-        handle = self._dirs.pop(fh, None)
-        if handle is None:
-            return
-        handle.node.fds.discard(handle.fd)
-        try:
-            os.close(handle.fd)
-        except OSError as exc:
-            log.warning("close of backing directory failed", error=str(exc))
-        self._table.maybe_drop(handle.node)
+        self._close_handle(self._dirs.pop(fh, None), "directory")
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
