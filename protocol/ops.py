@@ -17,7 +17,7 @@ the source right after the op; the target sets it so replica times match.
 from __future__ import annotations
 
 import stat
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final
 
 from protocol.errors import ProtocolError
@@ -42,8 +42,13 @@ class Op:
     #: True for ops that cannot be replayed safely (DESIGN §5): checkpoint after them.
     CHECKPOINT_AFTER: ClassVar[bool] = False
 
+    def values(self) -> tuple[Any, ...]:
+        """The field values in declaration order (no copies, unlike dataclasses.astuple,
+        which deep-copies every value: this runs once per captured op)."""
+        return tuple(getattr(self, name) for name in _field_names(type(self)))
+
     def to_wire(self) -> list[Any]:
-        return [self.CODE, *astuple(self)]
+        return [self.CODE, *self.values()]
 
     def paths(self) -> tuple[bytes, ...]:
         """Every path this op names (for validation and logging)."""
@@ -57,7 +62,7 @@ class Op:
     def wire_size(self) -> int:
         """A cheap estimate of the encoded size, for windows and memory bounds."""
         size = 16
-        for value in astuple(self):
+        for value in self.values():
             if isinstance(value, (bytes, str)):
                 size += len(value)
             elif isinstance(value, (list, tuple)):
@@ -320,6 +325,17 @@ _FIELD_TYPES: Final[dict[type[Op], tuple[tuple[str, type], ...]]] = {}
 
 _TYPE_OF: Final[dict[str, type]] = {"bytes": bytes, "int": int, "str": str, "float": float,
                                     "list[str]": list, "list[bytes]": list, "list[int]": list}
+
+
+_FIELD_NAMES: Final[dict[type[Op], tuple[str, ...]]] = {}
+
+
+def _field_names(cls: type[Op]) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = tuple(f.name for f in fields(cls))
+        _FIELD_NAMES[cls] = names
+    return names
 
 
 def _field_types(cls: type[Op]) -> tuple[tuple[str, type], ...]:
