@@ -34,13 +34,20 @@ import structlog
 import trio
 import trio.lowlevel
 
-from protocol.checks import BLOCK_SIZE, RANGE_BYTES, block_hashes, entry_kind, xattr_digest
+from protocol.checks import (
+    BLOCK_SIZE,
+    RANGE_BYTES,
+    block_hashes,
+    entry_kind,
+    orphan_checks,
+    stat_meta,
+    xattr_digest,
+)
 from protocol.frames import CheckResult
 from protocol.ops import (
     CHECK_DIFFERENT,
     CHECK_LAST_RANGE,
     CHECK_NEWER,
-    CHECK_ORPHANS,
     CheckOp,
     LinkOp,
     NoteOp,
@@ -55,7 +62,6 @@ from source_agent.volume import Volume
 log = structlog.get_logger("mirror")
 
 WRITE_CHUNK: Final = 1024 * 1024
-NAMES_PER_CHECK: Final = 4096
 MAX_PENDING_CHECKS: Final = 4096
 MAX_UNACKED_OPS: Final = 50_000
 YIELD_EVERY: Final = 64
@@ -286,19 +292,14 @@ class MirrorJob:
                 self._check(self._meta_check(path, b".", dfd, st, "dir"), path, "dir")
         want_orphans = (self.kind == "orphans" or self.orphans == "remove") and changed
         if want_orphans:
-            for i in range(0, max(len(names), 1), NAMES_PER_CHECK):
-                chunk = names[i:i + NAMES_PER_CHECK]
-                lo = names[i - 1] if i else b""
-                hi = chunk[-1] if i + NAMES_PER_CHECK < len(names) else b""
-                op = CheckOp(self.id, path or b".", "dir", _meta(st), b"", b"", 0, BLOCK_SIZE,
-                             [], chunk, lo, hi, CHECK_ORPHANS)
+            for op in orphan_checks(self.id, path, st, names):
                 self._check(op, path, "dir-names")
 
     def _meta_check(self, path: bytes, name: bytes, dfd: int, st: os.stat_result,
                     entry: str) -> CheckOp:
         link = os.readlink(name, dir_fd=dfd) if entry == "symlink" else b""
         flags = CHECK_LAST_RANGE | (CHECK_NEWER if self.newer else 0)
-        return CheckOp(self.id, path, entry, _meta(st), link, _xattrs_digest(dfd, name, entry),
+        return CheckOp(self.id, path, entry, stat_meta(st), link, _xattrs_digest(dfd, name, entry),
                        0, BLOCK_SIZE, [], [], b"", b"", flags)
 
     async def _visit(self, path: bytes, name: bytes, dfd: int, st: os.stat_result) -> None:
@@ -345,7 +346,7 @@ class MirrorJob:
                 data = os.pread(fd, RANGE_BYTES, offset)
                 last = offset + len(data) >= st.st_size or len(data) < RANGE_BYTES
                 flags = (CHECK_LAST_RANGE if last else 0) | (CHECK_NEWER if self.newer else 0)
-                op = CheckOp(self.id, path, "file", _meta(st), b"",
+                op = CheckOp(self.id, path, "file", stat_meta(st), b"",
                              _xattrs_digest(dfd, name, "file") if last else b"", offset,
                              BLOCK_SIZE, block_hashes(data), [], b"", b"", flags)
                 self._check(op, path, "file", offset)
@@ -539,10 +540,6 @@ class MirrorJob:
                 await self._pace()
         if path in self._leaders:
             self._link_ready.add(path)
-
-
-def _meta(st: os.stat_result) -> list[int]:
-    return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns]
 
 
 def _xattrs_digest(dfd: int, name: bytes, entry: str) -> bytes:

@@ -20,12 +20,18 @@ import structlog
 import trio
 import trio.lowlevel
 
-from protocol.checks import BLOCK_SIZE, RANGE_BYTES, block_hashes, entry_kind
+from protocol.checks import (
+    BLOCK_SIZE,
+    RANGE_BYTES,
+    block_hashes,
+    entry_kind,
+    orphan_checks,
+    stat_meta,
+)
 from protocol.frames import Ack, Bye, CheckResult, Error, Hello, Ops, Ping, Pong
 from protocol.ops import (
     CHECK_LAST_RANGE,
     CHECK_NEWER,
-    CHECK_ORPHANS,
     CheckOp,
     CreateOp,
     LinkOp,
@@ -43,11 +49,6 @@ log = structlog.get_logger("restore")
 
 BATCH_BYTES: Final = 1024 * 1024
 WINDOW_BYTES: Final = 16 * 1024 * 1024
-NAMES_PER_CHECK: Final = 4096
-
-
-def _meta(st: os.stat_result) -> list[int]:
-    return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns]
 
 
 def replica_bytes(path: str) -> int:
@@ -189,13 +190,7 @@ def _walk(base: int, hello: Hello) -> Iterator[Op]:
             yield from dir_ops(base, rel)
         if orphans:
             names = sorted(dirnames + filenames)
-            st = os.stat(b".", dir_fd=dfd)
-            for i in range(0, max(len(names), 1), NAMES_PER_CHECK):
-                chunk = names[i:i + NAMES_PER_CHECK]
-                lo = names[i - 1] if i else b""
-                hi = chunk[-1] if i + NAMES_PER_CHECK < len(names) else b""
-                yield CheckOp("restore", rel or b".", "dir", _meta(st), b"", b"", 0, BLOCK_SIZE,
-                              [], chunk, lo, hi, CHECK_ORPHANS)
+            yield from orphan_checks("restore", rel, os.stat(b".", dir_fd=dfd), names)
         for name in sorted(filenames):
             path = os.path.join(rel, name) if rel else name
             try:
@@ -206,7 +201,7 @@ def _walk(base: int, hello: Hello) -> Iterator[Op]:
             if kind == "other":
                 continue
             if newer and kind == "file":
-                yield CheckOp("restore", path, "file", _meta(st), b"", b"", 0, BLOCK_SIZE, [],
+                yield CheckOp("restore", path, "file", stat_meta(st), b"", b"", 0, BLOCK_SIZE, [],
                               [], b"", b"", CHECK_NEWER | CHECK_LAST_RANGE)
             if kind == "file" and st.st_nlink > 1:
                 first = links.setdefault((st.st_dev, st.st_ino), path)
@@ -235,7 +230,7 @@ def _checksum_file_ops(base: int, path: bytes, st: os.stat_result) -> Iterator[O
         while True:
             data = os.pread(fd, RANGE_BYTES, offset)
             last = offset + len(data) >= st.st_size or len(data) < RANGE_BYTES
-            yield CheckOp("restore", path, "file", _meta(st), b"", b"", offset, BLOCK_SIZE,
+            yield CheckOp("restore", path, "file", stat_meta(st), b"", b"", offset, BLOCK_SIZE,
                           block_hashes(data), [], b"", b"", CHECK_LAST_RANGE if last else 0)
             if last:
                 return
