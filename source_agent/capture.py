@@ -566,11 +566,13 @@ class CaptureFS(pyfuse3.Operations):
             yield self._backing, b""
             return
         path = self._table.path_or_none(node)
-        if path is None:
-            if not node.fds:
-                raise pyfuse3.FUSEError(errno.ESTALE)
-            yield next(iter(node.fds)), None
+        if node.fds:
+            # An open file or directory: its own descriptor, no open/close. The kernel
+            # asks for security.capability before every write, so this is hot.
+            yield next(iter(node.fds)), path
             return
+        if path is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
         fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._backing)
         try:
             yield f"/proc/self/fd/{fd}", path
@@ -949,7 +951,10 @@ class CaptureFS(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        with self._xattr_target(self._table.node(inode)) as (target, _):
+        node = self._table.node(inode)
+        if node.fds:  # the hot case (security.capability before each write), inline
+            return os.getxattr(next(iter(node.fds)), name)
+        with self._xattr_target(node) as (target, _):
             return os.getxattr(target, name)
 
     @_handler

@@ -43,6 +43,10 @@ CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 15.0
 PING_INTERVAL = 10.0
 IDLE_TIMEOUT = 45.0
+#: Sender linger: right after a send, wait this long for more ops to share the next
+#: frame, unless LINGER_OPS are already waiting. Bounds the added lag to 1 ms.
+LINGER_SECONDS = 0.001
+LINGER_OPS = 64
 
 
 class RemoteError(Exception):
@@ -196,9 +200,17 @@ class Sender:
 
         async def writer() -> None:
             seq = resume
+            last_send = 0.0
             while True:
                 while state["inflight_bytes"] >= self.window_bytes:
                     await room.park()
+                await journal.wait_for(seq)
+                if (journal.last_seq - seq < LINGER_OPS
+                        and time.monotonic() - last_send < LINGER_SECONDS):
+                    # A trickle of ops right after a send: gather them for a moment
+                    # into one frame instead of one send (and one ack) per op. The
+                    # first op after a quiet spell goes out at once.
+                    await trio.sleep(LINGER_SECONDS)
                 try:
                     batch = await journal.read(seq, self.batch_bytes, conn.id)
                 except JournalGapError as exc:
@@ -212,6 +224,7 @@ class Sender:
                         if is_encoded_task(encoded):
                             # ontransmit: runs once sent; later ops wait (up to its timeout).
                             await self.tasks.on_transmit(conn, seq + i, encoded)
+                last_send = time.monotonic()
                 seq += len(batch)
                 conn.sent_seq = seq - 1
                 conn.bytes_sent += size

@@ -4,14 +4,16 @@ A session (one TCP connection from a source) goes: HELLO → look up the node an
 key → CHALLENGE → AUTH checked → WELCOME(resume_from) → stream. While streaming,
 a receiver task reads frames into a bounded channel (backpressure reaches the
 source through TCP) and an applier task drains it: it takes every batch already
-waiting (up to ``checkpoint_bytes``), applies them in order in a worker thread,
-checkpoints, then sends one cumulative ACK. Nothing a peer sends can crash the
+waiting (up to ``checkpoint_bytes``), applies them in order in a worker thread and
+sends one cumulative ACK; checkpoints (fsync, then the durable seq in the ACK) are
+coalesced over a short quiet spell or ``checkpoint_interval``. Nothing a peer sends can crash the
 agent: protocol errors end that session with ERROR, and every other session and
 the control socket go on.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -61,6 +63,8 @@ log = structlog.get_logger("target")
 HANDSHAKE_TIMEOUT = 15.0
 IDLE_TIMEOUT = 60.0
 QUEUE_BATCHES = 16
+#: Checkpoint once the input has been quiet this long (seconds).
+CHECKPOINT_QUIET = 0.005
 
 
 class TargetAgent:
@@ -308,31 +312,71 @@ class TargetAgent:
                         raise LinkError(f"source ended the session: {reason}")
 
         async def applier() -> None:
+            # Each drained batch is applied at once (visible on the replica), but the
+            # checkpoint (fsync + state file, then the ACK's durable seq) waits until
+            # the input is quiet for CHECKPOINT_QUIET, checkpoint_interval has passed,
+            # checkpoint_bytes were applied, or an execute task is next: a trickle of
+            # small batches costs one checkpoint per interval, not one per batch.
+            received = replica.applied_seq
+            due = math.inf                  # trio clock: when the pending checkpoint is due
+            pending_bytes = 0
             async with receive_channel:
-                async for first in receive_channel:
-                    batches = [first]
-                    size = sum(op.wire_size() for op in first.ops)
-                    while size < self.config.checkpoint_bytes:
+                try:
+                    while True:
+                        first: Ops | None = None
                         try:
-                            more = receive_channel.receive_nowait()
-                        except trio.WouldBlock:
+                            if replica.checkpoint_pending:
+                                wait = min(CHECKPOINT_QUIET, due - trio.current_time())
+                                with trio.move_on_after(max(wait, 0.0)):
+                                    first = await receive_channel.receive()
+                            else:
+                                first = await receive_channel.receive()
+                        except trio.EndOfChannel:
                             break
-                        batches.append(more)
-                        size += sum(op.wire_size() for op in more.ops)
-                    ops = [op for b in batches for op in b.ops]
-                    try:
-                        await self._apply_with_tasks(replica, batches[0].first_seq, ops)
-                    except ApplyError as exc:
-                        raise ProtocolError(f"refused op: {exc}", code="apply") from exc
-                    replica.bytes_applied += size
-                    # Answers to CHECK ops go before the ACK that covers them.
-                    results, replica.check_results = replica.check_results, []
-                    for seq, op, result in results:
-                        await fs.send(CheckResult(seq=seq, path=op.path,
-                                                  result={"job": op.job, "offset": op.offset,
-                                                          **result}))
-                    await fs.send(Ack(received=batches[-1].last_seq,
-                                      durable=replica.applied_seq))
+                        if first is None:   # quiet, or the interval is up
+                            await trio.to_thread.run_sync(replica.checkpoint)
+                            due, pending_bytes = math.inf, 0
+                            await fs.send(Ack(received=received, durable=replica.applied_seq))
+                            continue
+                        batches = [first]
+                        size = sum(op.wire_size() for op in first.ops)
+                        while size < self.config.checkpoint_bytes:
+                            try:
+                                more = receive_channel.receive_nowait()
+                            except trio.WouldBlock:
+                                break
+                            batches.append(more)
+                            size += sum(op.wire_size() for op in more.ops)
+                        ops = [op for b in batches for op in b.ops]
+                        if not replica.checkpoint_pending:
+                            due = trio.current_time() + self.config.checkpoint_interval
+                        pending_bytes += size
+                        now_due = (pending_bytes >= self.config.checkpoint_bytes
+                                   or trio.current_time() >= due)
+                        try:
+                            await self._apply_with_tasks(replica, batches[0].first_seq, ops,
+                                                         checkpoint=now_due)
+                        except ApplyError as exc:
+                            raise ProtocolError(f"refused op: {exc}", code="apply") from exc
+                        if not replica.checkpoint_pending:
+                            due, pending_bytes = math.inf, 0
+                        replica.bytes_applied += size
+                        # Answers to CHECK ops go before the ACK that covers them.
+                        results, replica.check_results = replica.check_results, []
+                        for seq, op, result in results:
+                            await fs.send(CheckResult(seq=seq, path=op.path,
+                                                      result={"job": op.job, "offset": op.offset,
+                                                              **result}))
+                        received = batches[-1].last_seq
+                        await fs.send(Ack(received=received, durable=replica.applied_seq))
+                finally:
+                    if replica.checkpoint_pending:
+                        with trio.CancelScope(shield=True):
+                            try:
+                                await trio.to_thread.run_sync(replica.checkpoint)
+                            except ApplyError as exc:
+                                bound.warning("checkpoint at session end failed",
+                                              error=str(exc))
 
         results_in, results_out = trio.open_memory_channel[TaskResult | Pong](256)
 
@@ -372,18 +416,25 @@ class TargetAgent:
     def _is_task(op: Op, replica: Replica, trigger: str) -> bool:
         return isinstance(op, TaskOp) and op.conid == replica.conid and op.trigger == trigger
 
-    async def _apply_with_tasks(self, replica: Replica, first_seq: int, ops: list[Op]) -> None:
+    async def _apply_with_tasks(self, replica: Replica, first_seq: int, ops: list[Op], *,
+                                checkpoint: bool = True) -> None:
         """Apply ops in order; an ``execute`` task runs after everything before it is
-        applied and durable, and the ops after it wait for it (DESIGN §6)."""
+        applied and durable, and the ops after it wait for it (DESIGN §6).
+
+        ``checkpoint``: make the last of ``ops`` durable before returning (False: the
+        caller checkpoints later)."""
         start = 0
         for i, op in enumerate(ops):
             if self._is_task(op, replica, "execute") and first_seq + i > replica.applied_seq:
                 if i > start:
                     await replica.apply_with_retry(first_seq + start, ops[start:i])
+                # Earlier batches may still wait for their checkpoint: the task sees
+                # everything before it durable.
+                await trio.to_thread.run_sync(replica.checkpoint)
                 assert isinstance(op, TaskOp)
                 await self._run_target_task(replica, first_seq + i, op)
                 start = i
-        await replica.apply_with_retry(first_seq + start, ops[start:])
+        await replica.apply_with_retry(first_seq + start, ops[start:], checkpoint=checkpoint)
 
     async def _run_target_task(self, replica: Replica, seq: int, op: TaskOp) -> None:
         """Run a target-side task at most once and report its result to the source."""

@@ -34,7 +34,7 @@ class TargetConfig(BaseModel):
     control_uids: list[int] = []
     control_gids: list[int] = []
     #: Checkpoint (fsync + persist applied seq) at least this often while ops flow.
-    checkpoint_interval: float = Field(default=0.5, gt=0)
+    checkpoint_interval: float = Field(default=0.25, gt=0)
     checkpoint_bytes: int = Field(default=8 * 1024 * 1024, ge=4096)
     source: list[SourceEntry] = []
 

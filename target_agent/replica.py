@@ -26,6 +26,7 @@ pointing at the same inode, which the applier accepts.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -138,15 +139,19 @@ class Replica:
             self.applier.close()
             self.applier = None
 
-    def apply_ops(self, first_seq: int, ops: list[Op]) -> int:
+    def apply_ops(self, first_seq: int, ops: list[Op], *, checkpoint: bool = True) -> int:
         """Apply ops with seqs ``first_seq…`` in order, checkpointing after rename/link.
 
-        Returns how many were applied. Stops at the first ApplyError, which it
-        re-raises after checkpointing what was applied before it.
+        Returns how many were applied. With ``checkpoint`` False the ops are applied
+        (visible) but the checkpoint is left to a later call (the caller coalesces
+        checkpoints). Stops at the first ApplyError, which it re-raises after
+        checkpointing everything applied before it, so ``applied_seq`` then names
+        exactly where to retry.
         Runs in a worker thread: it touches no trio object.
         """
         applier = self.open_applier()
         done = 0
+        finished = False
         try:
             for op in ops:
                 seq = first_seq + done
@@ -169,10 +174,16 @@ class Replica:
                     self._pending_seq = seq
                 done += 1
                 self.ops_applied += 1
+            finished = True
         finally:
-            if done:
+            if checkpoint or not finished:
                 self.checkpoint()
         return done
+
+    @property
+    def checkpoint_pending(self) -> bool:
+        """Ops were applied that the last checkpoint does not cover."""
+        return self._pending_seq > self.applied_seq
 
     _pending_seq: int = 0
 
@@ -223,7 +234,8 @@ class Replica:
         self.save()
         self.last_checkpoint = time.time()
 
-    async def apply_with_retry(self, first_seq: int, ops: list[Op]) -> None:
+    async def apply_with_retry(self, first_seq: int, ops: list[Op], *,
+                               checkpoint: bool = True) -> None:
         """Apply a batch; on temporary errors (ENOSPC, EIO, EACCES) retry with backoff.
 
         Never drops an op. After repeated failures the connection is flagged
@@ -236,8 +248,9 @@ class Replica:
         start = 0
         while start < len(ops):
             try:
-                start += await trio.to_thread.run_sync(self.apply_ops, first_seq + start,
-                                                       ops[start:])
+                start += await trio.to_thread.run_sync(
+                    functools.partial(self.apply_ops, first_seq + start, ops[start:],
+                                      checkpoint=checkpoint))
                 self.state = "replicating"
                 self.last_error = ""
             except ApplyError as exc:
