@@ -2,10 +2,13 @@
 
 Layout of one frame::
 
-    magic "ML" | version u8 | type u8 | flags u8 | reserved u8 | body length u32 | crc32(body) u32
+    magic "ML" | version u8 | type u8 | flags u8 | reserved u8 | body length u32 | checksum u32
     body: msgpack map, validated by the pydantic model of the frame type
 
-All integers big-endian. The body length is checked against the negotiated maximum
+The checksum is the low 32 bits of XXH3-64 of the body (:func:`checksum`): it
+catches corruption on the link as well as CRC-32 and is ten times faster, which
+counts at a gigabyte of bulk data per checksum pass. It is not a MAC. All integers
+big-endian. The body length is checked against the negotiated maximum
 *before* any of the body is buffered, so a peer cannot make us allocate more than
 ``max_frame`` bytes. Anything wrong (magic, version, type, length, checksum, msgpack,
 model) raises :class:`ProtocolError`; decoding never raises anything else.
@@ -14,10 +17,10 @@ model) raises :class:`ProtocolError`; decoding never raises anything else.
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import Any, ClassVar, Final
 
 import msgpack
+import xxhash
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from protocol.errors import ProtocolError
@@ -29,6 +32,11 @@ HEADER: Final = struct.Struct(">2sBBBxII")
 DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
 FLAG_COMPRESSED: Final = 0x01
 _KNOWN_FLAGS: Final = FLAG_COMPRESSED
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The frame checksum: low 32 bits of XXH3-64 of ``data``."""
+    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
 
 
 class Frame(BaseModel):
@@ -171,7 +179,7 @@ FRAME_TYPES: Final[dict[int, type[Frame]]] = {
 def encode_frame(frame: Frame) -> bytes:
     """Serialise one frame, header included."""
     body: bytes = msgpack.packb(frame.body(), use_bin_type=True)
-    return HEADER.pack(MAGIC, VERSION, frame.TYPE, 0, len(body), zlib.crc32(body)) + body
+    return HEADER.pack(MAGIC, VERSION, frame.TYPE, 0, len(body), checksum(body)) + body
 
 
 def encode_op(op: Op) -> bytes:
@@ -197,9 +205,17 @@ def encode_ops_frame(first_seq: int, encoded_ops: list[bytes]) -> bytes:
 
     The journal keeps ops encoded, so sending a batch is a join, not a re-encode.
     """
-    body = b"".join([_OPS_PREFIX, msgpack.packb(first_seq), _OPS_KEY,
-                     _array_header(len(encoded_ops)), *encoded_ops])
-    return HEADER.pack(MAGIC, VERSION, Ops.TYPE, 0, len(body), zlib.crc32(body)) + body
+    parts = [b"", _OPS_PREFIX, msgpack.packb(first_seq), _OPS_KEY,
+             _array_header(len(encoded_ops)), *encoded_ops]
+    # One copy of the (up to megabytes of) op bytes: the header goes into the join.
+    hasher = xxhash.xxh3_64()
+    length = 0
+    for part in parts:
+        hasher.update(part)
+        length += len(part)
+    parts[0] = HEADER.pack(MAGIC, VERSION, Ops.TYPE, 0, length,
+                           hasher.intdigest() & 0xFFFFFFFF)
+    return b"".join(parts)
 
 
 def _decode_body(ftype: int, body: bytes) -> Frame:
@@ -270,9 +286,10 @@ class FrameDecoder:
             end = HEADER.size + length
             if len(self._buf) < end:
                 break
-            body = bytes(self._buf[HEADER.size:end])
+            with memoryview(self._buf) as view:
+                body = bytes(view[HEADER.size:end])   # one copy, not two
             del self._buf[:end]
-            if zlib.crc32(body) != crc:
+            if checksum(body) != crc:
                 raise ProtocolError("frame checksum mismatch", code="checksum")
             frames.append(_decode_body(ftype, body))
         return frames

@@ -12,7 +12,7 @@ What must hold (DESIGN §4, issue 2 item i):
   refused at decode time.
 
 Garbage that must get *past* the checksum (to exercise the msgpack and model
-validation) is framed by hand with ``HEADER.pack`` and ``zlib.crc32``.
+validation) is framed by hand with ``HEADER.pack`` and ``checksum``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import itertools
 import re
 import stat
 import struct
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +51,7 @@ from protocol.frames import (
     Pong,
     TaskResult,
     Welcome,
+    checksum,
     encode_frame,
     encode_op,
     encode_ops_frame,
@@ -104,7 +104,7 @@ def raw_frame(ftype: int, body: bytes, *, flags: int = 0, length: int | None = N
     """A frame built by hand: a correct checksum unless told otherwise."""
     return HEADER.pack(MAGIC, VERSION, ftype, flags,
                        len(body) if length is None else length,
-                       zlib.crc32(body) if crc is None else crc) + body
+                       checksum(body) if crc is None else crc) + body
 
 
 def packed(value: Any) -> bytes:
@@ -414,7 +414,7 @@ def _flip_body_bit_fix_crc(buf: bytearray, data: st.DataObject) -> bytes:
     pos = data.draw(st.integers(0, length * 8 - 1), label="body bit")
     buf[HEADER.size + pos // 8] ^= 1 << (pos % 8)
     body = bytes(buf[HEADER.size:HEADER.size + length])
-    struct.pack_into(">I", buf, 10, zlib.crc32(body))
+    struct.pack_into(">I", buf, 10, checksum(body))
     return bytes(buf)
 
 
@@ -432,7 +432,7 @@ def _set_length_near(buf: bytearray, data: st.DataObject) -> bytes:
     new = max(0, length + data.draw(st.integers(-8, 8), label="delta"))
     struct.pack_into(">I", buf, 6, new)
     if data.draw(st.booleans(), label="fix crc"):
-        struct.pack_into(">I", buf, 10, zlib.crc32(bytes(buf[HEADER.size:HEADER.size + new])))
+        struct.pack_into(">I", buf, 10, checksum(bytes(buf[HEADER.size:HEADER.size + new])))
     return bytes(buf)
 
 
@@ -476,7 +476,7 @@ def test_bad_header_is_refused_before_the_body(header: bytes, code: str) -> None
 def test_bad_checksum_and_unknown_type_are_protocol_errors() -> None:
     body = packed({"received": 1, "durable": 1})
     with pytest.raises(ProtocolError) as info:
-        FrameDecoder().feed(raw_frame(Ack.TYPE, body, crc=zlib.crc32(body) ^ 1))
+        FrameDecoder().feed(raw_frame(Ack.TYPE, body, crc=checksum(body) ^ 1))
     assert info.value.code == "checksum"
     with pytest.raises(ProtocolError, match="unknown frame type"):
         FrameDecoder().feed(raw_frame(200, body))
