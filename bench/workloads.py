@@ -18,7 +18,8 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -40,6 +41,7 @@ from bench.procs import Processes
 from bench.profiles import Profile
 from bench.replicator import Replicator, cli_seconds, control, peak_rss_kib
 from bench.report import Row, rate, seconds
+from tests.system.harness import is_mounted
 
 T = TypeVar("T")
 PROBE = Path(__file__).resolve().parent / "probe.py"
@@ -160,6 +162,24 @@ def runs_note(name: str, values: list[float], fmt: Callable[[float], str]) -> st
 def sync_disk() -> None:
     """Flush dirty pages so one run's writeback does not land in the next run's timing."""
     os.sync()
+
+
+@contextmanager
+def floor_mount(b: Bench, name: str) -> Iterator[Path]:
+    """A bare pyfuse3 passthrough mount (bench/passthrough.py): the capture stack's floor."""
+    backing, mnt = b.dir(name, "backing"), b.dir(name, "mnt")
+    proc = b.procs.spawn([sys.executable, "-m", "bench.passthrough", str(backing), str(mnt)],
+                         b.workdir / f"{name}.log", cwd=Path(__file__).resolve().parent.parent)
+    try:
+        poll(lambda: is_mounted(mnt) or proc.poll() is not None, 30, "the passthrough mount")
+        if proc.poll() is not None:
+            raise RuntimeError(f"the passthrough mount exited {proc.returncode}; "
+                               f"see {b.workdir / f'{name}.log'}")
+        yield mnt
+    finally:
+        b.procs.stop(proc)
+        poll(lambda: not is_mounted(mnt), 30, "the passthrough unmount")
+        shutil.rmtree(b.workdir / name, ignore_errors=True)
 
 
 # -- W1: random overwrites + fsync in a large file -----------------------------------------
@@ -518,19 +538,32 @@ def w4(b: Bench) -> list[Row]:
         rep.wait_synced()
         return running, stopped
 
+    def floor() -> list[float]:
+        rates = []
+        with floor_mount(b, "w4-floor") as mnt:
+            for run in range(p.runs):
+                sync_disk()
+                rates.append(_seq_writes(mnt / f"f{run}", b.pool, p.w4_writes))
+        return rates
+
     peer = b.attempt("W4 plain disk", plain)
+    bare = b.attempt("W4 bare pyfuse3 passthrough", floor)
     ml = b.attempt("W4 Mirrorline", mirrorline)
+    bare_v = median(bare.value) if bare.ok and bare.value else math.nan
     run_v = median(ml.value[0]) if ml.ok and ml.value else math.nan
     stop_v = median(ml.value[1]) if ml.ok and ml.value else math.nan
     plain_v = median(peer.value) if peer.ok and peer.value else math.nan
     overhead = stop_v / run_v - 1  # extra time per write that replication adds
     peers = (f"mount, replication stopped {rate(stop_v, 'w/s') if ml.ok else ml.status}; "
-             f"plain disk {peer.cell(lambda v: rate(plain_v, 'w/s'))}")
+             f"plain disk {peer.cell(lambda v: rate(plain_v, 'w/s'))}; "
+             f"bare pyfuse3 passthrough (the floor) {bare.cell(lambda v: rate(bare_v, 'w/s'))}")
     ratio = "n/a"
     if ml.ok:
         ratio = f"{overhead * 100:+.0f} % time vs stopped"
         if peer.ok:
             ratio += f"; {run_v / plain_v:.3g} of plain"
+        if bare.ok:
+            ratio += f"; {run_v / bare_v:.3g} of the floor"
     row = Row("W4", f"{p.w4_writes} sequential 4 KiB writes through the mount, replicating",
               ml.cell(lambda v: rate(run_v, "w/s")), peers, ratio,
               "replication adds ≤ 20 %; ≥ 15,000 w/s",
@@ -542,6 +575,14 @@ def w4(b: Bench) -> list[Row]:
     _side_notes(row, ml, peer, lambda v: rate(v, "w/s"), values=False)
     if peer.ok and peer.value:
         row.notes.append(runs_note("plain disk w/s", peer.value, lambda v: rate(v, "w/s")))
+    if bare.ok and bare.value:
+        row.notes.append(runs_note("bare pyfuse3 passthrough w/s", bare.value,
+                                   lambda v: rate(v, "w/s")))
+        row.notes.append("the floor mounts a pyfuse3 file system that only passes each "
+                         "request to the disk (bench/passthrough.py), with the capture "
+                         "mount's options: no journal, no replication")
+    elif not bare.ok:
+        row.notes.append(f"bare passthrough: {bare.status} {bare.detail}")
     return [row]
 
 
@@ -578,12 +619,23 @@ def w5(b: Bench) -> list[Row]:
             sync_disk()
             t0 = time.monotonic()
             _small_files(top / f"run{run}", b.pool, p.w5_files, run)
+            writer_times.append(time.monotonic() - t0)
             rep.wait_synced()
             times.append(time.monotonic() - t0)
             converged(tree_diff(top / f"run{run}", rep.replica / "w5" / f"run{run}"),
                       "W5 replica")
         shutil.rmtree(top)
         rep.wait_synced()
+        return times
+
+    def floor() -> list[float]:
+        times = []
+        with floor_mount(b, "w5-floor") as mnt:
+            for run in range(p.runs):
+                sync_disk()
+                t0 = time.monotonic()
+                _small_files(mnt / f"run{run}", b.pool, p.w5_files, run)
+                times.append(time.monotonic() - t0)
         return times
 
     def lsyncd() -> list[float]:
@@ -616,7 +668,9 @@ def w5(b: Bench) -> list[Row]:
         shutil.rmtree(ls.base)
         return times
 
+    writer_times: list[float] = []
     peer = b.attempt("W5 lsyncd", lsyncd)
+    bare = b.attempt("W5 bare pyfuse3 passthrough", floor)
     ml = b.attempt("W5 Mirrorline", mirrorline)
     mv = median(ml.value) if ml.ok and ml.value else math.nan
     pv = median(peer.value) if peer.ok and peer.value else math.nan
@@ -625,6 +679,16 @@ def w5(b: Bench) -> list[Row]:
               ratio_cell(ml, peer, lambda: mv / pv, "Mirrorline/lsyncd"),
               "≤ 0.5x lsyncd", met(mv / pv <= 0.5 if ml.ok and peer.ok else None))
     _side_notes(row, ml, peer, seconds)
+    if writer_times:
+        row.notes.append(runs_note("the application creating the files through the "
+                                   "Mirrorline mount (part of the figure)", writer_times,
+                                   seconds))
+    if bare.ok and bare.value:
+        row.notes.append(runs_note("the same files created through a bare pyfuse3 "
+                                   "passthrough mount (the floor of any FUSE capture)",
+                                   bare.value, seconds))
+    elif not bare.ok:
+        row.notes.append(f"bare passthrough: {bare.status} {bare.detail}")
     return [row]
 
 
