@@ -13,10 +13,13 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any, Final
 
 from protocol.control import MAX_LINE, ControlError, Exit, Request, decode_response, encode
+
+TYPE_CHECKING = False  # no typing import at run time: start-up time (see cli.grammar)
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from typing import Any, Final
 
 DEFAULT_SOCKET: Final = "/run/mirrorline/source.sock"
 CONNECT_TIMEOUT: Final = 10.0

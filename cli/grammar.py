@@ -15,16 +15,19 @@ looks like one of our options goes after ``--``.
 
 from __future__ import annotations
 
-import difflib
 import math
 import posixpath
 import re
-import shlex
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
 
 from protocol.control import Request
+
+# Start-up time is every scripted command's latency (issue 5, W9): nothing is imported
+# at run time for type hints only, and the commands below are small hand-written value
+# classes rather than dataclasses (which import inspect and ast).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+    from typing import Any, Final
 
 ConId = int | str  # an integer conid, or "*" for every connection
 
@@ -105,42 +108,90 @@ class UsageError(Exception):
         super().__init__("\n".join(lines))
 
 
-@dataclass(frozen=True)
-class Remote:
+class _Frozen:
+    """A frozen value: equality, hash and repr from ``_fields`` (a frozen dataclass's)."""
+
+    _fields: tuple[str, ...] = ()
+
+    def __init__(self, *values: object) -> None:
+        for name, value in zip(self._fields, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, _Frozen)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+
+class Remote(_Frozen):
     """A request for an agent, and how long the client waits for its result.
 
     ``deadline`` is the client-side limit in seconds from ``--timeout`` on a waiting
     command (``wait queue``, ``--wait``), or None to wait for the result indefinitely.
     """
 
+    _fields = ("request", "deadline")
     request: Request
-    deadline: float | None = None
+    deadline: float | None
+
+    def __init__(self, request: Request, deadline: float | None = None) -> None:
+        super().__init__(request, deadline)
 
 
-@dataclass(frozen=True)
-class Keygen:
+class Keygen(_Frozen):
+    _fields = ("path", "force")
     path: str | None
-    force: bool = False
+    force: bool
+
+    def __init__(self, path: str | None, force: bool = False) -> None:
+        super().__init__(path, force)
 
 
-@dataclass(frozen=True)
-class RunScript:
+class RunScript(_Frozen):
+    _fields = ("path",)
     path: str  # "-" reads standard input
 
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
 
-@dataclass(frozen=True)
-class Help:
-    topic: str | None = None
+
+class Help(_Frozen):
+    _fields = ("topic",)
+    topic: str | None
+
+    def __init__(self, topic: str | None = None) -> None:
+        super().__init__(topic)
 
 
 Command = Remote | Keygen | RunScript | Help
 
 
-@dataclass(frozen=True)
-class Invocation:
+class Invocation(_Frozen):
+    _fields = ("command", "socket", "json")
     command: Command
-    socket: str | None = None
-    json: bool = False
+    socket: str | None
+    json: bool
+
+    def __init__(self, command: Command, socket: str | None = None,
+                 json: bool = False) -> None:
+        super().__init__(command, socket, json)
 
 
 def usage(topic: str | None = None) -> str:
@@ -194,6 +245,8 @@ def parse_command(words: Sequence[str], cwd: str | None = None) -> Command:
         name = "help"
     parser = _PARSERS.get(name)
     if parser is None:
+        import difflib  # only for this message: the CLI's start-up is every command's latency
+
         close = difflib.get_close_matches(name, list(_PARSERS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(f"unknown command {words[0]!r}{hint}")
@@ -703,6 +756,8 @@ def split_script_line(line: str) -> list[str]:
     Raises:
         UsageError: an unclosed quote or a trailing backslash.
     """
+    import shlex  # only ``run`` needs it (start-up time, see parse_command)
+
     try:
         return shlex.split(_strip_comment(line))
     except ValueError as exc:

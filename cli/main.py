@@ -10,10 +10,7 @@
 from __future__ import annotations
 
 import os
-import secrets
 import sys
-from collections.abc import Sequence
-from typing import Final
 
 from cli.client import (
     ClientError,
@@ -35,6 +32,11 @@ from cli.grammar import (
 )
 from cli.output import Printer
 from protocol.control import ControlError, Exit, Result, failed, ok
+
+TYPE_CHECKING = False  # no typing import at run time: start-up time (see cli.grammar)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Final
 
 # Extra time the client gives the agent past a --timeout the agent also enforces, so that
 # the agent's own timeout answer (exit 4 with its reason) arrives before ours.
@@ -124,7 +126,7 @@ def _wants_json(words: Sequence[str]) -> bool:
 
 
 def _keygen(command: Keygen, printer: Printer) -> int:
-    key = secrets.token_hex(KEY_BYTES)
+    key = os.urandom(KEY_BYTES).hex()  # what secrets.token_hex does, without its imports
     if command.path is None:
         if printer.json_mode:
             printer.result(ok("", key=key))

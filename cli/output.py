@@ -14,10 +14,13 @@ neither can fail to encode.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, TextIO
 
 from protocol.control import Result
+
+TYPE_CHECKING = False  # no typing import at run time: start-up time (see cli.grammar)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import Any, Final, TextIO
 
 _MISSING: Final = "-"
 

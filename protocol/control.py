@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Final
 
-# No pydantic here: the CLI imports this module, and its start-up time is part of
-# every scripted command's latency (pydantic alone costs ~0.3 s to import).
+# The CLI imports this module, and its start-up time is part of every scripted
+# command's latency (issue 5, W9: a round trip in <= 100 ms). So: no pydantic (~0.3 s
+# to import), no dataclasses (it imports inspect and ast) and no typing at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 MAX_LINE: Final = 1024 * 1024
 
@@ -47,10 +49,32 @@ class ControlError(Exception):
     """A control line that is not valid JSON or not a valid request/response."""
 
 
-@dataclass
-class Request:
-    command: str
-    args: dict[str, Any] = field(default_factory=dict)
+class _Message:
+    """Equality, repr and JSON from ``_fields``, as a dataclass would give (see the imports)."""
+
+    _fields: tuple[str, ...] = ()
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a dataclass with eq
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self._fields)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+    def to_json(self) -> dict[str, Any]:
+        """The message as the JSON object that goes on the wire."""
+        return {name: getattr(self, name) for name in self._fields}
+
+
+class Request(_Message):
+    _fields = ("command", "args")
+
+    def __init__(self, command: str, args: dict[str, Any] | None = None) -> None:
+        self.command = command
+        self.args: dict[str, Any] = {} if args is None else args
 
     @classmethod
     def from_json(cls, value: Any) -> Request:
@@ -67,13 +91,16 @@ class Request:
         return cls(command, args)
 
 
-@dataclass
-class Result:
-    ok: bool
-    exit: int
-    message: str = ""
-    data: dict[str, Any] = field(default_factory=dict)
-    type: str = "result"
+class Result(_Message):
+    _fields = ("ok", "exit", "message", "data", "type")
+
+    def __init__(self, ok: bool, exit: int, message: str = "",
+                 data: dict[str, Any] | None = None, type: str = "result") -> None:
+        self.ok = ok
+        self.exit = exit
+        self.message = message
+        self.data: dict[str, Any] = {} if data is None else data
+        self.type = type
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Result:
@@ -93,7 +120,7 @@ class Result:
 
 def encode(message: Request | Result | dict[str, Any]) -> bytes:
     """One JSON line, newline included."""
-    body = message if isinstance(message, dict) else asdict(message)
+    body = message if isinstance(message, dict) else message.to_json()
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
 

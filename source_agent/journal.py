@@ -24,6 +24,20 @@ Why it is right
   next seq after restart: seqs are never reused.
 * Segments are deleted only when every connection has acknowledged all of their
   ops as durable on its target (:meth:`Journal.release`), and never the active one.
+
+Memory
+------
+Memory stays bounded however long a target is away (issue 5, W8: 4 GiB of backlog
+in a 256 MiB agent):
+
+* The memory tail holds at most ``memory_limit`` bytes of encoded ops. An op that
+  falls out of it loses its reference at once (its slot gets ``_EVICTED``); the
+  list itself is compacted now and then. Keeping evicted ops until compaction
+  (every 4096 ops) held 4 GiB with 1 MiB FUSE writes.
+* Reads behind the tail come from the segment files in a worker thread: the
+  sparse index has an entry every INDEX_EVERY records *or* INDEX_BYTES bytes, and
+  records before the asked seq are skipped with a seek, not read, so a read costs
+  about what it returns, not the segment up to it.
 """
 
 from __future__ import annotations
@@ -47,6 +61,9 @@ RECORD: Final = struct.Struct(">IIQI")
 EXCEPT: Final = 0x80000000
 NOOP: Final = encode_op(NoteOp(""))
 INDEX_EVERY: Final = 256
+INDEX_BYTES: Final = 256 << 10
+#: What an evicted slot of the memory tail holds (the op's bytes are let go).
+_EVICTED: Final[tuple[int, bytes]] = (0, b"")
 CLEAN_MARK: Final = "clean-shutdown"
 
 
@@ -64,12 +81,17 @@ class Segment:
     path: str
     last_seq: int = 0                # first_seq - 1 while empty
     size: int = 0
-    #: Sparse index: (seq, offset) every INDEX_EVERY records.
+    #: Sparse index: (seq, offset) of the first record, then of the first record at
+    #: least INDEX_EVERY records or INDEX_BYTES bytes after the previous entry.
     index: list[tuple[int, int]] = field(default_factory=list)
 
     def add_index(self, seq: int, offset: int) -> None:
-        if (seq - self.first_seq) % INDEX_EVERY == 0:
-            self.index.append((seq, offset))
+        """Note the record ``seq`` starting at ``offset`` (records come in order)."""
+        if self.index:
+            last_seq, last_offset = self.index[-1]
+            if seq - last_seq < INDEX_EVERY and offset - last_offset < INDEX_BYTES:
+                return
+        self.index.append((seq, offset))
 
     def offset_for(self, seq: int) -> tuple[int, int]:
         """The (seq, offset) of the indexed record at or before ``seq``."""
@@ -237,22 +259,24 @@ class Journal:
         if seg.size >= self.segment_bytes:
             seg = self._roll(seq)
         head = struct.pack(">QI", seq, scope)
-        record = RECORD.pack(len(encoded), zlib.crc32(encoded, zlib.crc32(head)), seq,
-                             scope) + encoded
-        written = os.write(self._fd, record)
-        if written != len(record):
+        header = RECORD.pack(len(encoded), zlib.crc32(encoded, zlib.crc32(head)), seq, scope)
+        # writev: no copy of a (up to 1 MiB) op just to put its header in front.
+        written = os.writev(self._fd, (header, encoded))
+        record_size = len(header) + len(encoded)
+        if written != record_size:
             # A short write on a regular file means the disk is full: undo it.
             os.ftruncate(self._fd, seg.size)
             raise OSError(28, "short write to journal (disk full?)")
         seg.add_index(seq, seg.size)
-        seg.size += len(record)
+        seg.size += record_size
         seg.last_seq = seq
-        self.disk_bytes += len(record)
+        self.disk_bytes += record_size
         self.last_seq = seq
         self._tail.append((scope, encoded))
         self._tail_bytes += len(encoded)
         while self._tail_bytes > self.memory_limit and self._tail_head < len(self._tail) - 1:
             self._tail_bytes -= len(self._tail[self._tail_head][1])
+            self._tail[self._tail_head] = _EVICTED   # let the op go now (see Memory)
             self._tail_head += 1
             self._tail_first += 1
         if self._tail_head > 4096 and self._tail_head * 2 > len(self._tail):
@@ -323,7 +347,9 @@ class Journal:
             start = self._tail_head + (seq - self._tail_first)
             out: list[bytes] = []
             size = 0
-            for rscope, encoded in self._tail[start:start + 65536]:
+            tail = self._tail
+            for i in range(start, min(len(tail), start + 65536)):
+                rscope, encoded = tail[i]
                 if rscope and not _for(rscope, scope):
                     encoded = NOOP
                 out.append(encoded)
@@ -350,14 +376,19 @@ class Journal:
                 if len(header) < RECORD.size:
                     break
                 length, _crc, rseq, rscope = RECORD.unpack(header)
-                body = f.read(length)
-                if rseq != at_seq or len(body) != length:
+                if rseq != at_seq:
                     raise JournalError(f"journal segment {seg.path} is damaged at seq {at_seq}")
-                if at_seq >= seq:
-                    if rscope and not _for(rscope, scope):
-                        body = NOOP
-                    out.append(body)
-                    size += len(body)
+                if at_seq < seq:
+                    f.seek(length, os.SEEK_CUR)   # before the asked seq: skip, don't read
+                    at_seq += 1
+                    continue
+                body = f.read(length)
+                if len(body) != length:
+                    raise JournalError(f"journal segment {seg.path} is damaged at seq {at_seq}")
+                if rscope and not _for(rscope, scope):
+                    body = NOOP
+                out.append(body)
+                size += len(body)
                 at_seq += 1
         if not out:
             raise JournalError(f"seq {seq} not found in {seg.path}")
