@@ -166,9 +166,15 @@ def peak_rss_kib(pid: int) -> int | None:
 
 def cli_seconds(agent: Agent, *words: str, timeout: float = 120.0,
                 ) -> tuple[float, subprocess.CompletedProcess[str]]:
-    """Run the real ``mirrorline`` command against ``agent``; return (wall seconds, result)."""
+    """Run the real ``mirrorline`` command against ``agent``; return (wall seconds, result).
+
+    Python may write its bytecode cache, as in an installed venv (pip compiles there):
+    a PYTHONDONTWRITEBYTECODE in the developer's environment would make every start
+    recompile the CLI, which no deployed CLI does.
+    """
     cmd = [str(REAL_BIN / "mirrorline"), "--socket", str(agent.socket_path), "--json", *words]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env={**os.environ})
+                          stdin=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t0, done
