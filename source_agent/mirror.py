@@ -26,7 +26,6 @@ import stat
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,7 +34,9 @@ import trio
 import trio.lowlevel
 
 from protocol.checks import (
+    BATCH_FILE_BYTES,
     BLOCK_SIZE,
+    CHECK_FILES,
     RANGE_BYTES,
     block_hashes,
     entry_kind,
@@ -55,7 +56,14 @@ from protocol.ops import (
     PrepareOp,
     WriteOp,
 )
-from protocol.runtime.entries import dir_ops, entry_ops, meta_ops, xattr_items
+from protocol.runtime.entries import (
+    dir_ops,
+    entry_ops,
+    fd_xattr_items,
+    file_state,
+    meta_ops,
+    xattr_items,
+)
 from source_agent.registry import Connection
 from source_agent.volume import Volume
 
@@ -65,6 +73,9 @@ WRITE_CHUNK: Final = 1024 * 1024
 MAX_PENDING_CHECKS: Final = 4096
 MAX_UNACKED_OPS: Final = 50_000
 YIELD_EVERY: Final = 64
+#: A CHECK_FILES batch: at most this many files, this many bytes of content read.
+BATCH_NAMES: Final = 256
+BATCH_BYTES: Final = 2 * 1024 * 1024
 
 
 @dataclass
@@ -74,6 +85,8 @@ class PendingCheck:
     offset: int
     issued: float
     result: dict[str, Any] | None = None
+    #: For a CHECK_FILES batch (entry "files"): the file names under ``path``.
+    names: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +134,9 @@ class MirrorJob:
     # pending, and _pace bounds those.
     _answers: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)
     _answer_ready: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    #: Unparked whenever answers have been handled (pending checks went away).
+    _settled: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    _unyielded: int = 0
     #: Directories known to exist on the target in this job (answered or sent).
     _dirs_ok: set[bytes] = field(default_factory=set)
     #: Hard-link groups: first path -> later paths waiting for the first to be in place.
@@ -228,10 +244,25 @@ class MirrorJob:
                      files=self.files_done, bytes=self.bytes_done, sent=self.bytes_sent,
                      differences=len(self.differences), orphans=len(self.orphan_list))
 
-    async def _pace(self) -> None:
-        await self._resume.wait()
+    async def _pace(self, weight: int = 1, checks: bool = True) -> None:
+        """Wait while paused or too far ahead of the target; yield to the other tasks
+        every YIELD_EVERY units of work (not at every entry: a trip through trio's
+        scheduler costs about as much as checking a small file).
+
+        ``checks``: also bound the checks pending. False on the answer loop's own
+        path, which is what makes pending checks go away (it must not wait for that).
+        """
         journal = self.volume.journal
-        while (len(self._pending) >= MAX_PENDING_CHECKS
+        if (not self._paused and not (checks and len(self._pending) >= MAX_PENDING_CHECKS)
+                and journal.last_seq - self.conn.acked_seq <= MAX_UNACKED_OPS):
+            self._unyielded += weight
+            if self._unyielded >= YIELD_EVERY:
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
+            return
+        self._unyielded = 0
+        await self._resume.wait()
+        while ((checks and len(self._pending) >= MAX_PENDING_CHECKS)
                or journal.last_seq - self.conn.acked_seq > MAX_UNACKED_OPS):
             with trio.move_on_after(1.0):
                 await self.conn.acked.park()
@@ -242,45 +273,97 @@ class MirrorJob:
         self._last_seq = seq
         return seq
 
-    def _check(self, op: CheckOp, path: bytes, entry: str, offset: int = 0) -> None:
+    def _check(self, op: CheckOp, path: bytes, entry: str, offset: int = 0,
+               names: list[bytes] | None = None) -> None:
         seq = self._emit(op)
         self.checks += 1
-        self._pending[seq] = PendingCheck(path, entry, offset, time.monotonic())
+        self._pending[seq] = PendingCheck(path, entry, offset, time.monotonic(),
+                                          names=names or [])
 
-    def _walk_entries(self, fd: int) -> Iterator[tuple[bytes, bytes, int, list[bytes]]]:
-        """(dir path, name or b"" for the dir itself, dir fd, sorted names)."""
+    async def _walk(self, fd: int) -> None:
         for dirpath, dirnames, filenames, dfd in os.fwalk(b".", dir_fd=fd,
                                                            follow_symlinks=False):
             dirnames.sort()
             rel = dirpath[2:] if dirpath.startswith(b"./") else b""
-            names = sorted(dirnames + filenames)
-            yield rel, b"", dfd, names
-            for name in sorted(filenames):
-                yield rel, name, dfd, names
-
-    async def _walk(self, fd: int) -> None:
-        count = 0
-        for rel, name, dfd, names in self._walk_entries(fd):
-            count += 1
-            if count % YIELD_EVERY == 0:
-                await trio.lowlevel.checkpoint()
             await self._pace()
-            path = os.path.join(rel, name) if name else rel
             try:
-                st = os.stat(name or b".", dir_fd=dfd, follow_symlinks=False)
+                st = os.stat(b".", dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
-                continue   # gone since it was listed: its unlink is in the stream
-            if not name:
-                self._visit_dir(path, st, dfd, names)
-                continue
+                pass   # gone since it was listed: its removal is in the stream
+            else:
+                self._visit_dir(rel, st, dfd, sorted(dirnames + filenames))
             if self.kind == "orphans":
                 continue
-            if self.restricted_since is not None and st.st_ctime < self.restricted_since:
-                continue
-            self.files_total += 1
-            self.bytes_total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-            await self._visit(path, name, dfd, st)
-            self.files_done += 1
+            names = sorted(filenames)
+            if self._batching():
+                names = await self._check_batches(rel, dfd, names)
+            for name in names:
+                await self._pace()
+                path = os.path.join(rel, name)
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue   # gone since it was listed: its unlink is in the stream
+                if self.restricted_since is not None and st.st_ctime < self.restricted_since:
+                    continue
+                self.files_total += 1
+                self.bytes_total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+                await self._visit(path, name, dfd, st)
+                self.files_done += 1
+
+    def _batching(self) -> bool:
+        """Whether small files are checked many per CHECK (CHECK_FILES)."""
+        return not self.newer and (self.kind == "verify" or (
+            self.kind == "mirror" and self.mode in ("different", "checksum")))
+
+    async def _check_batches(self, rel: bytes, dfd: int, names: list[bytes]) -> list[bytes]:
+        """Check the small, singly linked regular files among ``names`` (files of the
+        directory ``rel``) in CHECK_FILES batches; return the names left to visit one
+        by one.
+
+        Each batch reads its files and is appended with no await in between, so it
+        is one point of the stream like any CHECK. A file that differs there is then
+        checked alone (mirror different: sent whole if missing), so the answers and
+        repairs are those of the per-file checks: only the unchanged majority of a
+        tree is spared its own op and answer.
+        """
+        content = self.kind == "verify" or self.mode == "checksum"
+        since = self.restricted_since
+        rest: list[bytes] = []
+        i = 0
+        while i < len(names):
+            await self._pace()
+            batch: list[bytes] = []
+            digests: list[bytes] = []
+            size = 0
+            while i < len(names) and len(batch) < BATCH_NAMES and size < BATCH_BYTES:
+                name = names[i]
+                i += 1
+                found = file_state(dfd, name, content, BATCH_FILE_BYTES)
+                if found == "missing":
+                    continue   # gone since it was listed: its unlink is in the stream
+                if isinstance(found, str) or found[0].st_nlink > 1:
+                    rest.append(name)
+                    continue
+                st, digest = found
+                if since is not None and st.st_ctime < since:
+                    continue
+                batch.append(name)
+                digests.append(digest)
+                size += st.st_size if content else 0
+                self.files_total += 1
+                self.files_done += 1
+                self.bytes_total += st.st_size
+                self.bytes_done += st.st_size
+            if batch:
+                flags = CHECK_FILES | (0 if content else CHECK_DIFFERENT)
+                self._check(CheckOp(self.id, rel or b".", "dir", [0, 0, 0, 0, 0], b"", b"", 0,
+                                    BLOCK_SIZE, digests, batch, b"", b"", flags),
+                            rel, "files", names=batch)
+                # A batch is a lot of work at once: let the sender pass it on now.
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
+        return rest
 
     def _visit_dir(self, path: bytes, st: os.stat_result, dfd: int, names: list[bytes]) -> None:
         restricted = self.restricted_since is not None
@@ -332,10 +415,11 @@ class MirrorJob:
             return
         await self._check_file_ranges(path, name, dfd)
 
-    async def _check_file_ranges(self, path: bytes, name: bytes, dfd: int) -> None:
+    async def _check_file_ranges(self, path: bytes, name: bytes, dfd: int,
+                                 checks: bool = True) -> None:
         offset = 0
         while True:
-            await self._pace()
+            await self._pace(checks=checks)
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
             except (FileNotFoundError, OSError):
@@ -347,7 +431,7 @@ class MirrorJob:
                 last = offset + len(data) >= st.st_size or len(data) < RANGE_BYTES
                 flags = (CHECK_LAST_RANGE if last else 0) | (CHECK_NEWER if self.newer else 0)
                 op = CheckOp(self.id, path, "file", stat_meta(st), b"",
-                             _xattrs_digest(dfd, name, "file") if last else b"", offset,
+                             xattr_digest(fd_xattr_items(fd)) if last else b"", offset,
                              BLOCK_SIZE, block_hashes(data), [], b"", b"", flags)
                 self._check(op, path, "file", offset)
             finally:
@@ -361,9 +445,14 @@ class MirrorJob:
 
     async def _answer_loop(self) -> None:
         while True:
-            with trio.move_on_after(1.0):
-                while not self._answers:
+            if not self._answers:
+                with trio.move_on_after(1.0):
                     await self._answer_ready.park()
+                if not self._answers:
+                    await self._reissue_lost()
+                    self._settled.unpark_all()
+                    continue
+            while self._answers:
                 seq, result = self._answers.popleft()
                 pending = self._pending.get(seq)
                 if pending is not None:
@@ -371,8 +460,8 @@ class MirrorJob:
                     # finish between the answer and the repair.
                     await self._answered(pending, result)
                     self._pending.pop(seq, None)
-                continue
-            await self._reissue_lost()
+            self._settled.unpark_all()
+            await trio.lowlevel.checkpoint()
 
     async def _reissue_lost(self) -> None:
         """A check acked as applied but never answered lost its answer with its session
@@ -393,6 +482,10 @@ class MirrorJob:
             return
         if pending.entry == "dir-names":
             return   # that range's orphans wait for the next pass
+        if pending.entry == "files":
+            for name in pending.names:
+                await self._recheck(os.path.join(pending.path, name))
+            return
         if pending.entry == "file" and self.kind == "mirror":
             await self._send_entry(pending.path)
         elif pending.entry == "file":
@@ -406,7 +499,54 @@ class MirrorJob:
         self._emit(PrepareOp(path, "file", []))
         self._emit(LinkOp(first, path))
 
+    async def _recheck(self, path: bytes) -> None:
+        """Check one file on its own, as the walk does when it does not batch it."""
+        base = self.volume.backing_fd
+        assert base is not None
+        try:
+            st = os.stat(path, dir_fd=base, follow_symlinks=False)
+        except FileNotFoundError:
+            return   # gone since: its unlink is in the stream
+        entry = entry_kind(st.st_mode)
+        if entry == "other":
+            return
+        if entry != "file" or (self.kind == "mirror" and self.mode == "different"):
+            op = self._meta_check(path, path, base, st, entry)
+            if entry == "file":
+                op = CheckOp(op.job, op.path, op.entry, op.meta, op.link, op.xattrs, 0,
+                             BLOCK_SIZE, [], [], b"", b"", op.flags | CHECK_DIFFERENT)
+            self._check(op, path, entry)
+        else:
+            await self._check_file_ranges(path, path, base, checks=False)
+
+    async def _answered_files(self, pending: PendingCheck, result: dict[str, Any]) -> None:
+        """A CHECK_FILES batch: missing files are differences like a per-file check's
+        "missing"; the differing ones are checked alone to learn what differs."""
+        files = result.get("files")
+        names = pending.names
+        if (isinstance(files, list) and len(files) == 2
+                and all(isinstance(x, list) for x in files)):
+            missing, differing = files
+        else:   # a target that does not know CHECK_FILES: check every file alone
+            missing, differing = [], list(range(len(names)))
+        for index in missing:
+            if not (isinstance(index, int) and 0 <= index < len(names)):
+                continue
+            path = os.path.join(pending.path, names[index])
+            self.difference_count += 1
+            if self.kind == "verify":
+                self._note_difference(path, ["missing"])
+            if self.kind != "verify" or self.remirror:
+                await self._repair(PendingCheck(path, "file", 0, pending.issued),
+                                   ["missing"], [])
+        for index in differing:
+            if isinstance(index, int) and 0 <= index < len(names):
+                await self._recheck(os.path.join(pending.path, names[index]))
+
     async def _answered(self, pending: PendingCheck, result: dict[str, Any]) -> None:
+        if pending.entry == "files":
+            await self._answered_files(pending, result)
+            return
         if "orphans" in result:
             await self._handle_orphans(pending.path, result["orphans"])
         what = list(result.get("what", []))
@@ -494,9 +634,11 @@ class MirrorJob:
                 self.orphans_removed += 1
 
     async def _drain(self) -> None:
+        # Woken by the answer loop when it has handled answers: waiting for an ACK
+        # instead could miss the last answers (handled just after their ACK woke us).
         while self._pending:
             with trio.move_on_after(1.0):
-                await self.conn.acked.park()
+                await self._settled.park()
         await self._wait_acked(self._last_seq)
 
     async def _wait_acked(self, seq: int) -> None:
@@ -537,7 +679,7 @@ class MirrorJob:
             self._emit(op)
             if isinstance(op, WriteOp):
                 self.bytes_sent += len(op.data)
-                await self._pace()
+                await self._pace(weight=16, checks=False)
         if path in self._leaders:
             self._link_ready.add(path)
 

@@ -17,7 +17,13 @@ import stat
 import time
 from typing import Any
 
-from protocol.checks import block_hashes, entry_kind, xattr_digest
+from protocol.checks import (
+    BATCH_FILE_BYTES,
+    CHECK_FILES,
+    block_hashes,
+    entry_kind,
+    xattr_digest,
+)
 from protocol.ops import (
     CHECK_DIFFERENT,
     CHECK_LAST_RANGE,
@@ -26,7 +32,7 @@ from protocol.ops import (
     CheckOp,
     PrepareOp,
 )
-from protocol.runtime.entries import xattr_items
+from protocol.runtime.entries import file_state, xattr_items
 from target_agent.pathguard import PathError, PathGuard
 
 _PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -37,8 +43,11 @@ def check(guard: PathGuard, op: CheckOp) -> dict[str, Any]:
 
     Keys: ``missing`` (bool), ``what`` (list of differing aspects), ``blocks``
     (indices of differing blocks, relative to ``op.offset``), ``orphans``
-    ([name, kind, mtime] extra in a directory range), ``skip`` ("newer").
+    ([name, kind, mtime] extra in a directory range), ``skip`` ("newer"); for a
+    CHECK_FILES batch only ``files`` ([missing, differing] indices into ``op.names``).
     """
+    if op.flags & CHECK_FILES:
+        return {"files": _check_files(guard, op)}
     try:
         if op.path == b".":
             parent_fd, name = guard.root_fd, b"."
@@ -82,6 +91,37 @@ def check(guard: PathGuard, op: CheckOp) -> dict[str, Any]:
     if what:
         result["what"] = what
     return result
+
+
+def _check_files(guard: PathGuard, op: CheckOp) -> list[list[int]]:
+    """[missing, differing]: indices of ``op.names`` absent from the directory
+    ``op.path`` and of those whose state digest is not ``op.hashes[i]``."""
+    everything = list(range(len(op.names)))
+    try:
+        if op.path == b".":
+            dfd = os.dup(guard.root_fd)
+        else:
+            parent_fd, name = guard.open_parent(op.path)
+            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=parent_fd)
+    except (FileNotFoundError, NotADirectoryError, PathError):
+        return [everything, []]
+    except OSError:
+        return [[], everything]   # something else there (ELOOP: a symlink): per file
+    missing: list[int] = []
+    differing: list[int] = []
+    content = not op.flags & CHECK_DIFFERENT
+    try:
+        for i, (entry, digest) in enumerate(zip(op.names, op.hashes, strict=False)):
+            found = file_state(dfd, entry, content, BATCH_FILE_BYTES)
+            if found == "missing":
+                missing.append(i)
+            elif isinstance(found, str) or found[1] != digest:
+                differing.append(i)
+    finally:
+        os.close(dfd)
+    differing += everything[len(op.hashes):]   # malformed: no hash, so it differs
+    return [missing, differing]
 
 
 def _differing_blocks(parent_fd: int, name: bytes, op: CheckOp) -> list[int]:

@@ -16,7 +16,7 @@ import stat
 from collections.abc import Iterator
 from typing import Final
 
-from protocol.checks import entry_kind
+from protocol.checks import entry_kind, state_digest, xattr_digest
 from protocol.ops import (
     ChmodOp,
     ChownOp,
@@ -40,22 +40,66 @@ def xattr_items(dfd: int, name: bytes, entry: str) -> list[tuple[bytes, bytes]]:
     """The user.* xattrs of ``name`` under ``dfd`` (none for symlinks or on error)."""
     if entry == "symlink":
         return []
+    # One l*xattr call through the directory's /proc link, instead of an O_PATH open,
+    # the calls and a close: the last component is not followed (no symlink escapes).
+    proc = b"/proc/self/fd/%d/%s" % (dfd, name)
     try:
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        keys = os.listxattr(proc, follow_symlinks=False)
     except OSError:
         return []
+    return _user_items(proc, keys)
+
+
+def fd_xattr_items(fd: int) -> list[tuple[bytes, bytes]]:
+    """The user.* xattrs of the open file ``fd`` (none on error)."""
     try:
-        proc = f"/proc/self/fd/{fd}"
-        items = []
-        for key in os.listxattr(proc):
-            if key.startswith("user."):
-                try:
-                    items.append((key.encode(), os.getxattr(proc, key)))
-                except OSError:
-                    pass
-        return items
+        keys = os.listxattr(fd)
     except OSError:
         return []
+    return _user_items(fd, keys)
+
+
+def _user_items(where: int | bytes, keys: list[str]) -> list[tuple[bytes, bytes]]:
+    items = []
+    for key in keys:
+        if key.startswith("user."):
+            try:
+                value = (os.getxattr(where, key) if isinstance(where, int)
+                         else os.getxattr(where, key, follow_symlinks=False))
+            except OSError:
+                continue
+            items.append((key.encode(), value))
+    return items
+
+
+def file_state(dfd: int, name: bytes, content: bool,
+               max_size: int) -> tuple[os.stat_result, bytes] | str:
+    """(stat, :func:`~protocol.checks.state_digest`) of the regular file ``name`` under
+    ``dfd``, content included if ``content``; else "missing", "other" (not a regular
+    file, never followed) or "large" (content over ``max_size`` bytes, not read)."""
+    if not content:
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return "missing"
+        if not stat.S_ISREG(st.st_mode):
+            return "other"
+        return st, state_digest(st, xattr_digest(xattr_items(dfd, name, "file")), None)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=dfd)
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError:
+        return "other"      # a symlink (ELOOP), or not readable
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "other"
+        if st.st_size > max_size:
+            return "large"
+        data = os.pread(fd, st.st_size, 0) if st.st_size else b""
+        return st, state_digest(st, xattr_digest(fd_xattr_items(fd)), data)
     finally:
         os.close(fd)
 
@@ -119,7 +163,13 @@ def meta_ops(base: int, path: bytes, what: list[str] | tuple[str, ...]) -> list[
 
 
 def file_ops(base: int, path: bytes) -> Iterator[Op]:
-    """Ops that replace ``path`` with the regular file under ``base``, data extents only."""
+    """Ops that replace ``path`` with the regular file under ``base``, data extents only.
+
+    Whatever is at ``path`` goes first (PrepareOp "none"), so the file is created new:
+    CreateOp gives it its owner, mode and mtime, no old data or xattr is left to
+    clear, and no second prepare, chown or chmod is needed after the data (a chmod
+    only for set-id bits, which a write by an unprivileged applier clears).
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                      dir_fd=base)
@@ -130,11 +180,11 @@ def file_ops(base: int, path: bytes) -> Iterator[Op]:
         if not stat.S_ISREG(st.st_mode):
             return
         mode = stat.S_IMODE(st.st_mode)
-        yield PrepareOp(path, "file", xattr_names(base, path, "file"))
+        yield PrepareOp(path, "none", [])
         yield CreateOp(path, mode, st.st_uid, st.st_gid, st.st_mtime_ns)
-        yield TruncateOp(path, 0, st.st_mtime_ns)
-        yield TruncateOp(path, st.st_size, st.st_mtime_ns)
-        for start, end in data_extents(fd, st.st_size):
+        size = st.st_size
+        written = 0     # where the data sent so far ends
+        for start, end in data_extents(fd, size):
             offset = start
             while offset < end:
                 data = os.pread(fd, min(WRITE_CHUNK, end - offset), offset)
@@ -142,9 +192,19 @@ def file_ops(base: int, path: bytes) -> Iterator[Op]:
                     break
                 yield WriteOp(path, offset, data, os.fstat(fd).st_mtime_ns)
                 offset += len(data)
+                written = max(written, offset)
+        st = os.fstat(fd)
+        if st.st_size != written or st.st_size != size:
+            # A hole at the end, or the size changed while it was read: the size the
+            # file has at this point of the stream.
+            yield TruncateOp(path, st.st_size, st.st_mtime_ns)
+        for key, value in fd_xattr_items(fd):
+            yield SetxattrOp(path, key, value, 0)
     finally:
         os.close(fd)
-    yield from meta_ops(base, path, ("mode", "owner", "xattrs", "mtime"))
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        yield ChmodOp(path, stat.S_IMODE(st.st_mode))
+    yield UtimensOp(path, st.st_atime_ns, st.st_mtime_ns)
 
 
 def entry_ops(base: int, path: bytes) -> Iterator[Op]:

@@ -410,6 +410,7 @@ def test_orphans_list_remove_move(cluster: Cluster, tmp_path: Path) -> None:
 def test_unclean_source_stop_runs_restricted_mirror(cluster: Cluster, tmp_path: Path) -> None:
     volume = tmp_path / "vol"
     base = build_flat_tree(volume / "base", files=1000, per_dir=100)
+    built = time.time()
     assert base > 0
     # Default config: a new connection on a non-empty volume mirrors on connect (checksum).
     source, target, replica = _pair(cluster, volume, extra="")
@@ -421,6 +422,10 @@ def test_unclean_source_stop_runs_restricted_mirror(cluster: Cluster, tmp_path: 
     _assert_same(volume, replica)
     _mirror_flags_cleared(source, target)
 
+    # The restricted mirror takes entries changed since the last durable journal point
+    # less sync_interval (1 s) and 5 s of margin: the base tree must be older than that
+    # when the agent dies (2 s of churn from now), or it all counts as changed.
+    time.sleep(max(0.0, built + 5.0 - time.time()))
     (volume / "churn").mkdir()
     stop = threading.Event()
     errors: list[BaseException] = []
