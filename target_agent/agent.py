@@ -63,6 +63,8 @@ log = structlog.get_logger("target")
 HANDSHAKE_TIMEOUT = 15.0
 IDLE_TIMEOUT = 60.0
 QUEUE_BATCHES = 16
+#: Apply at most this many bytes of waiting batches per worker-thread call.
+DRAIN_BYTES = 8 * 1024 * 1024
 #: Checkpoint once the input has been quiet this long (seconds).
 CHECKPOINT_QUIET = 0.005
 
@@ -340,7 +342,7 @@ class TargetAgent:
                             continue
                         batches = [first]
                         size = sum(op.wire_size() for op in first.ops)
-                        while size < self.config.checkpoint_bytes:
+                        while size < DRAIN_BYTES:
                             try:
                                 more = receive_channel.receive_nowait()
                             except trio.WouldBlock:
@@ -361,14 +363,17 @@ class TargetAgent:
                         if not replica.checkpoint_pending:
                             due, pending_bytes = math.inf, 0
                         replica.bytes_applied += size
-                        # Answers to CHECK ops go before the ACK that covers them.
+                        # Answers to CHECK ops go before the ACK that covers them, all
+                        # in one send.
                         results, replica.check_results = replica.check_results, []
-                        for seq, op, result in results:
-                            await fs.send(CheckResult(seq=seq, path=op.path,
-                                                      result={"job": op.job, "offset": op.offset,
-                                                              **result}))
                         received = batches[-1].last_seq
-                        await fs.send(Ack(received=received, durable=replica.applied_seq))
+                        out = [fs.session.send(CheckResult(
+                                   seq=seq, path=op.path,
+                                   result={"job": op.job, "offset": op.offset, **result}))
+                               for seq, op, result in results]
+                        out.append(fs.session.send(Ack(received=received,
+                                                       durable=replica.applied_seq)))
+                        await fs.send_bytes(b"".join(out))
                 finally:
                     if replica.checkpoint_pending:
                         with trio.CancelScope(shield=True):

@@ -611,6 +611,14 @@ class Applier:
                     raise
 
     def _prepare(self, op: PrepareOp) -> None:
+        parent_fd, name = self._guard.open_parent(op.path)
+        try:
+            os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            # Nothing there (every file of a full mirror into an empty replica): nothing
+            # is removed or moved, so the cached descriptors and parents stay valid.
+            self._touch_dir(parent_fd)
+            return
         # Entries may be removed or moved: cached descriptors and parents are stale.
         self._drop_files()
         try:

@@ -35,7 +35,8 @@ class TargetConfig(BaseModel):
     control_gids: list[int] = []
     #: Checkpoint (fsync + persist applied seq) at least this often while ops flow.
     checkpoint_interval: float = Field(default=0.25, gt=0)
-    checkpoint_bytes: int = Field(default=8 * 1024 * 1024, ge=4096)
+    #: ... or after this many bytes of ops were applied since the last one.
+    checkpoint_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
     source: list[SourceEntry] = []
 
     @field_validator("listen")

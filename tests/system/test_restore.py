@@ -111,7 +111,7 @@ def test_killed_restore_keeps_the_flag_and_completes_later(
         cluster: Cluster, tmp_path: Path, victim: str) -> None:
     volume, source, target, replica = _failed_over(cluster, tmp_path)
     _work_on_target(replica)
-    for i in range(40):   # enough data that the kill lands mid-restore
+    for i in range(120):   # enough data that the kill lands mid-restore
         (replica / f"bulk{i}").write_bytes(os.urandom(1 << 20))
     source.cli("restore", "1")
     wait_until(lambda: (volume / "bulk0").exists() or (volume / "new-on-target").exists(),
