@@ -15,7 +15,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mirrorline-installed
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config
 
-.PHONY: all deps venv test test-slow demo lint clean
+.PHONY: all deps venv test test-slow faults fuzz demo lint clean
 
 all: test
 
@@ -42,7 +42,12 @@ $(STAMP): pyproject.toml | deps
 	touch $@
 
 test: venv
-	$(BIN)/pytest -q -m "not slow" tests
+	$(BIN)/pytest -q -m "not slow and not faults_full" tests
+
+# The whole fault suite (tests/faults), long scenarios included; totals printed at the end.
+faults: venv
+	MIRRORLINE_FAULT_STATS=$${MIRRORLINE_FAULT_STATS:-faults-stats.json} \
+		$(BIN)/pytest -q tests/faults
 
 test-slow: venv
 	$(BIN)/pytest -q -s -m slow tests
