@@ -24,6 +24,9 @@ class VolumeConfig(BaseModel):
     #: "journal": fsync returns when the journal is durable; "replicated" also waits
     #: for every target (bounded by sync_timeout).
     sync: Literal["journal", "replicated"] = "journal"
+    #: sync = "replicated": the longest an application fsync waits for the targets
+    #: (seconds) before it returns anyway, with a warning and a counter.
+    sync_timeout: float = Field(default=5.0, gt=0)
 
     @field_validator("path")
     @classmethod
@@ -40,6 +43,22 @@ class ConnectionConfig(BaseModel):
     target: str
     target_path: str = Field(min_length=1)
     key_file: str
+    #: TLS under the key handshake: the target's certificate is verified against
+    #: tls_ca (and its name against tls_server_name, default the target host); this
+    #: side presents tls_cert/tls_key, which the target verifies in turn.
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ConnectionConfig:
+        if self.tls:
+            missing = [k for k in ("tls_ca", "tls_cert", "tls_key") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"tls = true needs {', '.join(missing)}")
+        return self
 
     @field_validator("target")
     @classmethod

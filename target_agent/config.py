@@ -38,6 +38,13 @@ class TargetConfig(BaseModel):
     #: ... or after this many bytes of ops were applied since the last one.
     checkpoint_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
     source: list[SourceEntry] = []
+    #: TLS on the listener: this side presents tls_cert/tls_key and requires every
+    #: source to present a certificate signed by tls_ca (verified peers), then the key
+    #: handshake runs inside.
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     @field_validator("listen")
     @classmethod
@@ -52,6 +59,10 @@ class TargetConfig(BaseModel):
         nodes = [s.node for s in self.source]
         if len(set(nodes)) != len(nodes):
             raise ValueError("source node names must be unique")
+        if self.tls:
+            missing = [k for k in ("tls_ca", "tls_cert", "tls_key") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"tls = true needs {', '.join(missing)}")
         return self
 
 
