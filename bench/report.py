@@ -137,13 +137,17 @@ def render_section(profile: Profile, commit: str, facts: dict[str, str], sizes: 
 
 
 def update_results(profile: Profile, section: str, methods: str) -> None:
-    """Replace this profile's section of RESULTS.md, keep the other's, refresh methods."""
+    """Replace this profile's section of RESULTS.md, keep the other's and the analysis
+    block (``<!-- analysis -->``, written by hand), refresh methods."""
     old = RESULTS.read_text() if RESULTS.exists() else ""
     sections = {}
     for name in ("full", "quick"):
         m = re.search(rf"<!-- bench:{name} -->\n(.*?)<!-- /bench:{name} -->", old, re.S)
         sections[name] = m.group(1) if m else f"## {name} run\n\nNot run yet on this machine.\n"
     sections[profile.name] = section.rstrip("\n") + "\n"
+    # The hand-written analysis (why a goal is missed, with its profile) survives reruns.
+    m = re.search(r"<!-- analysis -->\n(.*?)<!-- /analysis -->", old, re.S)
+    analysis = m.group(1).rstrip("\n") if m else ""
     text = ["# Mirrorline benchmark results", "",
             "Written by `bench/run.py`: `make bench` replaces the full section,",
             "`make bench-quick` the quick one. Issue 5 states the workloads and the goals;",
@@ -152,5 +156,7 @@ def update_results(profile: Profile, section: str, methods: str) -> None:
     for name in ("full", "quick"):
         text += [f"<!-- bench:{name} -->", sections[name].rstrip("\n"), f"<!-- /bench:{name} -->",
                  ""]
+    if analysis:
+        text += ["<!-- analysis -->", analysis, "<!-- /analysis -->", ""]
     text += [methods.rstrip("\n"), ""]
     RESULTS.write_text("\n".join(text))

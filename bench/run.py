@@ -44,6 +44,8 @@ from bench.report import (  # noqa: E402
     table,
     update_results,
 )
+from bench.spy import Spy, find_py_spy  # noqa: E402
+from bench.spy import active as active_spy  # noqa: E402
 
 WORKLOAD_KEYS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9")
 
@@ -148,6 +150,9 @@ def run_bench(opts: Options) -> Outcome:
                 continue
             _say(f"{key} …")
             t0 = time.monotonic()
+            spy = active_spy()
+            if spy is not None:
+                spy.begin(key, workdir)
             try:
                 rows[key] = WORKLOADS[key](bench)
             except Exception as exc:  # outside a side's attempt (data generation, …)
@@ -156,6 +161,9 @@ def run_bench(opts: Options) -> Outcome:
                 bench.errors.append(message)
                 rows[key] = [Row(key, "crashed", "error", "error", "n/a", "", "n/a",
                                  [message[:600]])]
+            if spy is not None:
+                for top in spy.end():
+                    _say(f"profile: {top}")
             _say(f"{key} done in {time.monotonic() - t0:.1f} s")
         versions = {"rsync": peers.version("rsync"), "lsyncd": peers.version("lsyncd")}
         facts = machine_facts(workdir, versions, load_start)
@@ -197,6 +205,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     help="treat these peers as missing (rsync,lsyncd)")
     ap.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
     ap.add_argument("--log-level", default="info", help="the agents' log level (info)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="sample the agents with py-spy during each workload; raw stacks "
+                         "and top-frame summaries go to DIR (see bench/spy.py)")
     return ap.parse_args(list(argv))
 
 
@@ -218,6 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return smoke.main(args)
     profile = PROFILES["quick" if args.quick else "full"]
     opts = options_from(args, profile)
+    if args.profile is not None:
+        exe = find_py_spy()
+        if exe is None:
+            _say("--profile: py-spy not found (pip install py-spy); running unprofiled")
+        else:
+            Spy(args.profile.resolve(), exe).start()
     started = time.monotonic()
     commit = git_commit(REPO)
     print(f"Mirrorline bench — {profile.label}", flush=True)
