@@ -49,6 +49,14 @@ faults: venv
 	MIRRORLINE_FAULT_STATS=$${MIRRORLINE_FAULT_STATS:-faults-stats.json} \
 		$(BIN)/pytest -q tests/faults
 
+# Long fuzzing run of the target side (tests/faults/test_fuzz.py): FUZZ_EXAMPLES examples
+# of the sans-IO session machine and a fifth as many against a real agent over TCP
+# (about ten minutes at the default); prints the cases run (fuzz_cases) at the end.
+FUZZ_EXAMPLES ?= 3000
+fuzz: venv
+	MIRRORLINE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q --timeout=0 \
+		tests/faults/test_fuzz.py
+
 test-slow: venv
 	$(BIN)/pytest -q -s -m slow tests
 

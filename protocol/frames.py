@@ -280,6 +280,8 @@ class FrameDecoder:
                 raise ProtocolError(f"unknown frame flags {flags:#x}")
             if flags & FLAG_COMPRESSED:
                 raise ProtocolError("compressed frames were not negotiated")
+            if ftype not in FRAME_TYPES:   # before buffering a body for it
+                raise ProtocolError(f"unknown frame type {ftype}")
             if length > self.max_frame:
                 raise ProtocolError(f"frame of {length} bytes exceeds the limit of "
                                     f"{self.max_frame}", code="too_large")

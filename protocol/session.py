@@ -20,6 +20,9 @@ Handshake (both directions authenticated with the pre-shared key)::
 
 Both nonces are fresh 32-byte randoms, so a recorded handshake cannot be replayed
 against either side, and the role label stops a reflected proof being accepted.
+Before any key is looked up, HELLO is checked: a common version, a 32-byte nonce,
+conid and seqs within 1..2**62 (so no seq derived from them overflows), a known
+purpose and a clean relative target path.
 
 Streaming:
     source → target: OPS, PING, BYE, (ERROR)
@@ -73,6 +76,8 @@ MIN_KEY_BYTES: Final = 32
 #: Frame limit until the handshake is done: an unauthenticated peer cannot make us
 #: buffer or decode more than this.
 HANDSHAKE_MAX_FRAME: Final = 64 * 1024
+#: Largest conid or seq a peer may name (2**62: seq + batch lengths stay in int64).
+MAX_SEQ: Final = 1 << 62
 
 
 class Role(enum.Enum):
@@ -253,6 +258,17 @@ class Session:
                                     code="version")
             if len(frame.nonce) != NONCE_BYTES:
                 raise ProtocolError("HELLO nonce must be 32 bytes")
+            # Bounded so that no seq derived from them (resume_from, the seqs of OPS and
+            # ACK) can leave msgpack's 64-bit integers.
+            if not 1 <= frame.conid <= MAX_SEQ:
+                raise ProtocolError(f"HELLO conid {frame.conid} out of range 1..{MAX_SEQ}")
+            for name, value in (("first_seq", frame.first_seq),
+                                ("restore_seq", frame.restore_seq)):
+                if not 0 <= value <= MAX_SEQ:
+                    raise ProtocolError(f"HELLO {name} {value} out of range 0..{MAX_SEQ}")
+            if frame.purpose not in ("replicate", "restore"):
+                raise ProtocolError(f"HELLO purpose {frame.purpose!r} is neither 'replicate' "
+                                    "nor 'restore'")
             check_relative_path(frame.target_path)
             self.hello = frame
         elif self.state is State.CHALLENGE_SENT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -28,6 +29,11 @@ from source_agent.volume import Volume
 
 log = structlog.get_logger("source")
 
+#: Free bytes (and at least a quarter of its size) the journal's file system needs
+#: before failed appends count as over.
+_JOURNAL_ROOM = 4 << 20
+_ENOSPC = os.strerror(errno.ENOSPC)
+
 
 class SourceAgent:
     """Everything one ``mirrorline-source`` process runs."""
@@ -45,6 +51,8 @@ class SourceAgent:
         #: The current or last mirror/verify/orphans job of each connection.
         self.jobs: dict[int, MirrorJob] = {}
         self.restores: dict[int, RestoreJob] = {}
+        #: Jobs paused because the journal neared its disk bound (resumed under half).
+        self._bound_paused: set[int] = set()
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -58,8 +66,11 @@ class SourceAgent:
             recovery = journal.open()
             log.info("journal opened", volume=vc.name, last_seq=recovery.last_seq,
                      clean=recovery.clean, torn_bytes=recovery.torn_bytes)
-            self.volumes[vc.name] = Volume(vc.name, vc.path, journal,
-                                           on_journal_failure=self._failure_handler(vc.name))
+            self.volumes[vc.name] = Volume(
+                vc.name, vc.path, journal, on_journal_failure=self._failure_handler(vc.name),
+                connections=self._connections_of(vc.name), sync_mode=vc.sync,
+                sync_timeout=vc.sync_timeout, disk_limit=self.config.queue.disk,
+                on_disk_bound=self._disk_bound_reached)
         empty = {name: v.is_empty() and v.journal.last_seq == 0
                  for name, v in self.volumes.items()}
         last = {name: v.journal.last_seq for name, v in self.volumes.items()}
@@ -78,6 +89,9 @@ class SourceAgent:
                     if conn.mirror_required and conn.restricted_since is None:
                         continue   # already needs a whole mirror, which covers this
                     conn.mark_mirror_required(
+                        f"the journal's tail was damaged ({found.torn_bytes} bytes cut back "
+                        f"to seq {found.last_seq}, an unclean stop); ops after it may be "
+                        f"missing" if found.torn_bytes else
                         "the source agent stopped uncleanly; ops after the last durable "
                         "journal point may be missing")
                     if conn.restricted_since is None or since < conn.restricted_since:
@@ -90,11 +104,113 @@ class SourceAgent:
     def _failure_handler(self, volume: str) -> Callable[[str], None]:
         return lambda reason: self._journal_failed(volume, reason)
 
+    def _connections_of(self, volume: str) -> Callable[[], list[Connection]]:
+        return lambda: [c for c in self.registry.connections.values() if c.volume == volume]
+
     def _journal_failed(self, volume: str, reason: str) -> None:
         for conn in self.registry.connections.values():
             if conn.volume == volume and not conn.mirror_required:
                 conn.mark_mirror_required(reason)
         self.registry.mark_dirty()
+
+    def _journal_writable(self, volume: Volume) -> None:
+        """After journal failures: once appends work again, mirror what was missed.
+
+        Connections that are replicating start their automatic mirror now; the
+        others start it when they come up (:meth:`_on_connected`).
+        """
+        for conn in self._connections_of(volume.name)():
+            if (conn.mirror_required and conn.state == "replicating"
+                    and not conn.journal_dropped):
+                self._on_connected(conn)
+
+    def _journal_has_room(self, volume: Volume) -> bool:
+        """Whether the journal's file system has room again (probed while it fails)."""
+        try:
+            st = os.statvfs(volume.journal.directory)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= max(_JOURNAL_ROOM, st.f_blocks * st.f_frsize // 4)
+
+    # -- the journal's disk bound (DESIGN §3) ------------------------------------------
+
+    def _disk_bound_reached(self, volume: Volume) -> None:
+        """The journal holds more than ``queue.disk`` bytes: release what no connection
+        needs; while still over, drop the connection(s) furthest behind from the journal.
+
+        A dropped connection is marked mirror-required and no longer holds segments,
+        so the journal can release what it never acknowledged; its session restarts at
+        the journal's first seq, and the automatic mirror brings its target up to date.
+        The other connections go on, and the application never waits. Synchronous:
+        called from the capture path right after an append.
+        """
+        journal = volume.journal
+        limit = volume.disk_limit
+        if journal.disk_bytes > limit * 3 // 4:
+            self._pause_mirrors(volume)
+        while journal.disk_bytes > limit and len(journal.segments) > 1:
+            holders = [c for c in self._connections_of(volume.name)() if not c.journal_dropped]
+            upto = min((c.acked_seq for c in holders), default=journal.last_seq)
+            if journal.release(upto):
+                continue
+            if not holders:
+                break
+            # release() freed nothing, so the connections at ``upto`` hold the oldest
+            # segment: they are the lagging ones.
+            for conn in holders:
+                if conn.acked_seq == upto:
+                    self._drop_from_journal(conn, volume)
+        volume.forget_samples(min((c.acked_seq for c in self._connections_of(volume.name)()
+                                   if not c.journal_dropped), default=journal.last_seq))
+
+    def _pause_mirrors(self, volume: Volume) -> None:
+        """Pause the running mirror and verify jobs of ``volume`` (3/4 of the bound).
+
+        A job appends as fast as it reads, far ahead of what its target acknowledges;
+        left running it would fill the journal and get its own connection dropped,
+        over and over. Paused, its target catches up; :meth:`_release_loop` resumes
+        it under half the bound.
+        """
+        for job in self.jobs.values():
+            if (job.volume is volume and not job.done.is_set() and job.state != "paused"
+                    and job.conn.id not in self._bound_paused):
+                job.pause()
+                self._bound_paused.add(job.conn.id)
+                log.info("journal near its disk bound: job paused until its target "
+                         "catches up", conid=job.conn.id, kind=job.kind,
+                         disk_bytes=volume.journal.disk_bytes, disk_limit=volume.disk_limit)
+
+    def _resume_mirrors(self, volume: Volume) -> None:
+        for conid in sorted(self._bound_paused):
+            job = self.jobs.get(conid)
+            if job is None or job.volume is not volume:
+                continue
+            self._bound_paused.discard(conid)
+            if not job.done.is_set():
+                job.resume()
+                log.info("journal back under half its disk bound: job resumed", conid=conid,
+                         kind=job.kind)
+
+    def _drop_from_journal(self, conn: Connection, volume: Volume) -> None:
+        journal = volume.journal
+        behind = journal.last_seq - conn.acked_seq
+        conn.journal_dropped = True
+        conn.mark_mirror_required(
+            f"the journal reached its disk bound (queue.disk = {volume.disk_limit} bytes) "
+            f"while this connection was {behind} ops behind (target durable at seq "
+            f"{conn.acked_seq}): dropped from the journal; a mirror runs when it reconnects")
+        log.warning("journal disk bound reached: connection dropped from the journal, "
+                    "mirror required", conid=conn.id, volume=volume.name,
+                    disk_bytes=journal.disk_bytes, disk_limit=volume.disk_limit,
+                    acked_seq=conn.acked_seq, captured_seq=journal.last_seq)
+        job = self.jobs.get(conn.id)
+        if job is not None and not job.done.is_set():
+            job.stop()   # its ops are being released: a new mirror starts on reconnect
+        self._bound_paused.discard(conn.id)
+        entry = self.senders.get(conn.id)
+        if entry is not None:
+            entry[0].restart_session()   # reconnect at once, from the journal's new start
+        self.registry.save()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled: control socket, mounts, senders; ready when all are up."""
@@ -150,11 +266,22 @@ class SourceAgent:
         while True:
             await trio.sleep(1.0)
             for name, volume in self.volumes.items():
-                conns = [c for c in self.registry.connections.values() if c.volume == name]
+                # Connections dropped from the journal hold nothing (see _disk_bound_reached).
+                conns = [c for c in self._connections_of(name)() if not c.journal_dropped]
                 upto = min((c.acked_seq for c in conns), default=volume.journal.last_seq)
                 if volume.journal.release(upto):
                     log.debug("journal segments released", volume=name, upto=upto)
                 volume.forget_samples(upto)
+                if volume.disk_limit and volume.journal.disk_bytes > volume.disk_limit * 3 // 4:
+                    self._disk_bound_reached(volume)   # mirror traffic appends directly
+                elif self._bound_paused and (volume.journal.disk_bytes < volume.disk_limit // 2
+                                             or len(volume.journal.segments) == 1):
+                    self._resume_mirrors(volume)
+                if volume.journal_error and self._journal_has_room(volume):
+                    log.warning("journal file system has room again", volume=name,
+                                failed_appends=volume.journal_failures)
+                    volume.journal_error = ""
+                    self._journal_writable(volume)
 
     def close(self) -> None:
         """Flush journals and state at shutdown (after the mounts are gone)."""
@@ -198,6 +325,10 @@ class SourceAgent:
                 "journal_disk_bytes": v.journal.disk_bytes,
                 "journal_memory_bytes": v.journal.memory_bytes,
                 "journal_failures": v.journal_failures,
+                "journal_error": v.journal_error,
+                "journal_disk_limit": v.disk_limit,
+                "sync": v.sync_mode, "sync_timeout": v.sync_timeout,
+                "sync_replicated": v.sync_replicated, "sync_degraded": v.sync_degraded,
             } for v in self.volumes.values()],
             "connections": [self._conn_status(c) for c in conns],
         }
@@ -216,7 +347,8 @@ class SourceAgent:
             "id": c.id, "volume": c.volume, "target": c.target, "target_path": c.target_path,
             "target_node": c.target_node, "state": c.state, "replicating": c.replicating,
             "restore_required": c.restore_required, "mirror_required": c.mirror_required,
-            "mirror_reason": c.mirror_reason, "acked_seq": c.acked_seq,
+            "mirror_reason": c.mirror_reason, "journal_dropped": c.journal_dropped,
+            "acked_seq": c.acked_seq,
             "sent_seq": c.sent_seq, "captured_seq": journal.last_seq,
             "queue_ops": max(journal.last_seq - c.acked_seq, 0), "queue_bytes": queue_bytes,
             "lag_seconds": volume.lag_seconds(c.acked_seq), "bytes_sent": c.bytes_sent,
@@ -355,9 +487,18 @@ class SourceAgent:
 
     def _on_connected(self, conn: Connection) -> None:
         """Automatic mirror when a connection that needs one comes up (DESIGN §3)."""
+        if conn.journal_dropped:
+            # It resumes inside the journal again (at or after its first seq).
+            conn.journal_dropped = False
+            self.registry.mark_dirty()
         mode = self.config.mirror_on_connect
         job = self.jobs.get(conn.id)
         if not conn.mirror_required or mode == "none" or (job and not job.done.is_set()):
+            return
+        if self.volumes[conn.volume].journal_error:
+            # Its ops could not be journaled: it starts once the journal takes
+            # appends again (_journal_writable).
+            log.info("automatic mirror waits for the journal to be writable", conid=conn.id)
             return
         restricted = conn.restricted_since
         self._start_job(conn, kind="mirror", mode="different" if restricted else mode,
@@ -378,6 +519,13 @@ class SourceAgent:
 
     async def _run_job(self, job: MirrorJob) -> None:
         await job.run()
+        volume = job.volume
+        if (job.kind == "mirror" and job.state == "failed"
+                and (_ENOSPC in job.error or not self._journal_has_room(volume))):
+            # Its own appends hit a full journal disk: mirror again once there is room
+            # (a difference mirror skips what the failed one already brought over).
+            if not volume.journal_error:
+                volume.journal_error = f"journal write failed ({_ENOSPC}) during a mirror"
         if job.kind == "mirror" and job.state == "done":
             await trio.to_thread.run_sync(self.registry.save)
         if job.kind == "verify":

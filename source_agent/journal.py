@@ -42,6 +42,7 @@ in a 256 MiB agent):
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -266,7 +267,8 @@ class Journal:
         if written != record_size:
             # A short write on a regular file means the disk is full: undo it.
             os.ftruncate(self._fd, seg.size)
-            raise OSError(28, "short write to journal (disk full?)")
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write to the "
+                          f"journal)")
         seg.add_index(seq, seg.size)
         seg.size += record_size
         seg.last_seq = seq
@@ -285,13 +287,45 @@ class Journal:
         self._appended.unpark_all()
         return seq
 
+    def skip_to(self, seq: int) -> int:
+        """Append no-op records until ``last_seq`` is ``seq``; returns how many.
+
+        For a journal cut back after a crash: the ops lost with its torn tail may
+        have reached a target already (the sender reads the memory tail before the
+        fsync), so that target can be ahead of the journal. Numbering on from the
+        cut would give its seqs to new ops, which the target would skip as already
+        applied. Skipping to the target's position keeps seqs unique; what the lost
+        ops changed is repaired by the restricted mirror that follows the cut.
+
+        Raises:
+            OSError: as :meth:`append` (the no-ops written so far stay).
+        """
+        added = 0
+        while self.last_seq < seq:
+            self.append(NoteOp(""))
+            added += 1
+        return added
+
     def _roll(self, next_seq: int) -> Segment:
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self.durable_seq = max(self.durable_seq, next_seq - 1)
+        # The new segment is made and opened before the old one is let go: when that
+        # fails (ENOSPC, EMFILE) the journal keeps appending to the old segment, and
+        # never holds a closed descriptor.
         seg = self._new_segment(next_seq)
+        try:
+            fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError:
+            _unlink_quietly(seg.path)
+            raise
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            os.close(fd)
+            _unlink_quietly(seg.path)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        self.durable_seq = max(self.durable_seq, next_seq - 1)
         self.segments.append(seg)
-        self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         return seg
 
     async def sync(self, seq: int | None = None) -> None:
@@ -412,6 +446,13 @@ class Journal:
     @property
     def memory_bytes(self) -> int:
         return self._tail_bytes
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: str) -> None:

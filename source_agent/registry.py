@@ -13,10 +13,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import trio
 
 from protocol.runtime.statefile import load_json, save_json
 from source_agent.config import ConnectionConfig, SourceConfig
+
+log = structlog.get_logger("registry")
 
 
 @dataclass
@@ -39,6 +42,17 @@ class Connection:
     from_config: bool = False
     #: After an unclean stop: the restricted mirror checks entries changed since then.
     restricted_since: float | None = None
+    #: Dropped from the journal when its disk bound was reached: holds no segments
+    #: (the journal may release what it never acknowledged) until it reconnects and
+    #: mirrors (DESIGN §3).
+    journal_dropped: bool = False
+
+    # From the config file only (not persisted): TLS under the key handshake.
+    tls: bool = field(default=False, metadata={"runtime": True})
+    tls_ca: str | None = field(default=None, metadata={"runtime": True})
+    tls_cert: str | None = field(default=None, metadata={"runtime": True})
+    tls_key: str | None = field(default=None, metadata={"runtime": True})
+    tls_server_name: str | None = field(default=None, metadata={"runtime": True})
 
     # Runtime only (not persisted).
     state: str = field(default="starting", metadata={"runtime": True})
@@ -56,7 +70,8 @@ class Connection:
 
     _PERSISTED = ("id", "volume", "target", "target_path", "key_file", "replicating",
                   "restore_required", "mirror_required", "mirror_reason", "acked_seq",
-                  "base_seq", "clear_restore_pending", "from_config", "restricted_since")
+                  "base_seq", "clear_restore_pending", "from_config", "restricted_since",
+                  "journal_dropped")
 
     def persisted(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._PERSISTED}
@@ -81,6 +96,8 @@ class Registry:
         self.next_id = 1
         self.task_processing = True
         self._dirty_since: float | None = None
+        #: Why the last save failed ("" once a save works again).
+        self.save_error = ""
 
     def load(self, journal_last_seq: int, volume_empty: dict[str, bool]) -> None:
         """Merge persisted state with the config's [[connection]] entries.
@@ -103,6 +120,10 @@ class Registry:
                 existing.volume, existing.target = cc.volume, cc.target
                 existing.target_path, existing.key_file = cc.target_path, cc.key_file
                 existing.from_config = True
+        for cc in self.config.connection:
+            conn = self.connections[cc.id]
+            conn.tls, conn.tls_ca, conn.tls_cert = cc.tls, cc.tls_ca, cc.tls_cert
+            conn.tls_key, conn.tls_server_name = cc.tls_key, cc.tls_server_name
         for conid in [c.id for c in self.connections.values()
                       if c.from_config and c.id not in configured]:
             del self.connections[conid]  # removed from the config file
@@ -136,12 +157,27 @@ class Registry:
         self.save()
 
     def save(self) -> None:
-        save_json(self.path, {
-            "next_id": self.next_id,
-            "task_processing": self.task_processing,
-            "connections": [c.persisted() for c in sorted(self.connections.values(),
-                                                          key=lambda c: c.id)],
-        })
+        """Persist the state file. Never raises: when the state directory cannot be
+        written (a full disk), the failure is logged once and :meth:`run_saver`
+        retries every second until it works."""
+        try:
+            save_json(self.path, {
+                "next_id": self.next_id,
+                "task_processing": self.task_processing,
+                "connections": [c.persisted() for c in sorted(self.connections.values(),
+                                                              key=lambda c: c.id)],
+            })
+        except OSError as exc:
+            if not self.save_error:
+                log.error("cannot save the connection state; retrying every second",
+                          path=self.path, error=str(exc))
+            self.save_error = str(exc)
+            if self._dirty_since is None:
+                self._dirty_since = time.monotonic()
+            return
+        if self.save_error:
+            log.info("connection state saved again", path=self.path)
+            self.save_error = ""
         self._dirty_since = None
 
     def mark_dirty(self) -> None:

@@ -13,10 +13,17 @@ One sender task per connection. Each session:
 Errors are sorted: a broken link or timeout is temporary (reconnect with backoff
 0.2 s → 5 s); a refused authentication or a protocol error from the peer is shown
 in status and retried slowly (30 s), since an operator must fix the key or config.
+A failed TLS handshake (wrong CA or name, a refused certificate, a target without
+TLS) is shown in status too and retried with backoff 1 s → 30 s.
+
+TLS (``tls = true`` on the connection) sits under the key handshake: the client
+context is loaded once per sender (again only after a failed load), so a bad file
+is reported in status without taking the agent down.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +37,13 @@ from protocol.frames import Ack, Bye, CheckResult, Error, Ping, Pong, TaskResult
 from protocol.keys import KeyFileError, read_key
 from protocol.runtime.groups import single_error
 from protocol.runtime.stream import FrameStream, LinkError
+from protocol.runtime.tls import (
+    TLSConfigError,
+    TLSHandshakeError,
+    client_context,
+    client_stream,
+    handshake_error,
+)
 from protocol.session import Role, Session
 from source_agent.config import parse_host_port
 from source_agent.journal import JournalGapError
@@ -43,12 +57,17 @@ CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 15.0
 PING_INTERVAL = 10.0
 IDLE_TIMEOUT = 45.0
+#: After the target refused this address for too many failed logins.
+RATE_LIMITED_RETRY = 60.0
 #: Sender linger: within this long after a send, wait this long for more ops to share
 #: the next frame, unless LINGER_OPS are already waiting. Adds at most 5 ms of lag,
 #: and only under a steady trickle; it halves the target's CPU per op for 4 KiB
 #: writes (one frame, apply and ACK per ~10 ops instead of per 1-2; issue 5, W4).
 LINGER_SECONDS = 0.005
 LINGER_OPS = 64
+#: ERROR codes from the target that an operator must fix ("tls": this connection's TLS
+#: setting differs from the target's).
+PERMANENT_CODES = ("auth", "unknown_source", "config", "tls")
 
 
 class RemoteError(Exception):
@@ -89,6 +108,7 @@ class Sender:
         self.tasks = tasks
         self.on_check_result = on_check_result
         self.on_connected = on_connected
+        self._tls_context: ssl.SSLContext | None = None
 
     def restart_session(self) -> None:
         """Drop the current session (e.g. after replication stop); the loop decides next."""
@@ -99,6 +119,7 @@ class Sender:
         """Reconnect forever while replication is started. Cancel to stop."""
         conn = self.conn
         backoff = 0.2
+        tls_backoff = 1.0
         while True:
             if not conn.replicating:
                 conn.state = "restore-required" if conn.restore_required else "stopped"
@@ -110,21 +131,36 @@ class Sender:
                 try:
                     await self._session()
                     backoff = 0.2
+                    tls_backoff = 1.0
                     delay = 0.0
+                except TLSHandshakeError as exc:
+                    # Wrong CA or name, a refused certificate: an operator must act, and
+                    # the other side may be fixed any moment.
+                    self._failed("error", str(exc))
+                    delay = tls_backoff
+                    tls_backoff = min(tls_backoff * 2, 30.0)
                 except (LinkError, OSError, trio.TooSlowError) as exc:
                     self._failed("disconnected", str(exc) or type(exc).__name__)
                     backoff = min(backoff * 2, 5.0)
-                except (AuthenticationError, KeyFileError, PermanentError) as exc:
+                except (AuthenticationError, KeyFileError, TLSConfigError,
+                        PermanentError) as exc:
                     self._failed("error", str(exc))
                     delay = 30.0
                 except RemoteError as exc:
-                    self._failed("error" if exc.code in ("auth", "unknown_source", "config")
-                                 else "disconnected", str(exc))
-                    delay = 30.0 if exc.code in ("auth", "unknown_source", "config") else backoff
+                    self._failed("error" if exc.code in PERMANENT_CODES else "disconnected",
+                                 str(exc))
+                    delay = 30.0 if exc.code in PERMANENT_CODES else backoff
+                    if exc.code == "rate_limited":   # the target blocks this address a while
+                        delay = RATE_LIMITED_RETRY
                     backoff = min(backoff * 2, 5.0)
                 except ProtocolError as exc:
-                    self._failed("error", f"protocol error from target: {exc}")
-                    delay = 5.0
+                    if exc.code == "checksum":
+                        # Bytes damaged on the link: drop the session and resume at once.
+                        self._failed("disconnected", f"corrupted frame from the target: {exc}")
+                        backoff = min(backoff * 2, 5.0)
+                    else:
+                        self._failed("error", f"protocol error from target: {exc}")
+                        delay = 5.0
                 except Exception as exc:  # a bug here must not stop the agent's other work
                     log.exception("sender failed", conid=conn.id)
                     self._failed("error", f"internal error: {exc}")
@@ -148,8 +184,13 @@ class Sender:
         conn = self.conn
         journal = self.volume.journal
         conn.state = "connecting"
+        if not conn.tls:
+            self._tls_context = None
+        elif self._tls_context is None:
+            self._tls_context = client_context(conn.tls_ca, conn.tls_cert, conn.tls_key)
         fs, welcome = await open_session(
-            conn, self.node, first_seq=max(journal.first_seq, conn.base_seq + 1),
+            conn, self.node, tls_context=self._tls_context,
+            first_seq=max(journal.first_seq, conn.base_seq + 1),
             clear_restore_required=conn.clear_restore_pending)
         try:
             await self._welcomed(welcome, fs)
@@ -184,9 +225,20 @@ class Sender:
                                       f"seq {conn.acked_seq}, now resumes at {resume})")
             self.on_change(True)
         if resume > journal.last_seq + 1:
-            raise PermanentError(
-                f"the target has applied up to seq {resume - 1}, beyond this source's journal "
-                f"(last seq {journal.last_seq}): the journal was reset; a full mirror is needed")
+            rec = journal.recovery
+            if rec is not None and rec.torn_bytes and conn.mirror_required:
+                # The ops lost with the journal's torn tail had reached this target:
+                # number on from where it is (no-ops up to there), so seqs stay unique;
+                # the restricted mirror that follows the cut repairs what they changed.
+                added = journal.skip_to(resume - 1)
+                log.warning("journal cut back behind the target; skipped to its position",
+                            conid=conn.id, target=conn.target, skipped=added,
+                            resume_from=resume)
+            else:
+                raise PermanentError(
+                    f"the target has applied up to seq {resume - 1}, beyond this source's "
+                    f"journal (last seq {journal.last_seq}): the journal was reset; a full "
+                    f"mirror is needed")
         conn.acked_seq = resume - 1
         conn.sent_seq = resume - 1
         conn.state = "replicating"
@@ -218,7 +270,8 @@ class Sender:
                 except JournalGapError as exc:
                     conn.mark_mirror_required(str(exc))
                     self.on_change(True)
-                    raise PermanentError(str(exc)) from exc
+                    # Reconnect at once: the target's WELCOME starts the mirror it needs.
+                    raise LinkError(f"journal gap: {exc}") from exc
                 size = sum(len(b) for b in batch)
                 await fs.send_bytes(fs.session.send_encoded_ops(seq, batch))
                 if self.tasks is not None:
@@ -280,20 +333,39 @@ class Sender:
                 nursery.start_soon(pinger)
 
 
-async def open_session(conn: Connection, node: str, **hello: Any) -> tuple[FrameStream, Welcome]:
-    """Connect to ``conn``'s target and run the handshake; the caller closes the stream.
+async def open_session(conn: Connection, node: str, *,
+                       tls_context: ssl.SSLContext | None = None,
+                       **hello: Any) -> tuple[FrameStream, Welcome]:
+    """Connect to ``conn``'s target (under TLS when ``conn.tls``) and run the handshake;
+    the caller closes the stream.
 
-    ``hello``: extra HELLO fields (first_seq, purpose, restore_* …).
+    ``tls_context``: the client context to use when ``conn.tls`` (loaded from the
+    connection's files when not given). ``hello``: extra HELLO fields (first_seq,
+    purpose, restore_* …).
     Raises:
-        KeyFileError, AuthenticationError, RemoteError, ProtocolError, LinkError, OSError,
-        trio.TooSlowError: sorted by :meth:`Sender.run` into temporary and permanent.
+        KeyFileError, TLSConfigError, AuthenticationError, RemoteError, ProtocolError,
+        TLSHandshakeError, LinkError, OSError, trio.TooSlowError: sorted by
+        :meth:`Sender.run` into temporary and permanent.
     """
     key = read_key(conn.key_file)
+    if not conn.tls:
+        tls_context = None
+    elif tls_context is None:
+        tls_context = client_context(conn.tls_ca, conn.tls_cert, conn.tls_key)
     host, port = parse_host_port(conn.target)
     with trio.fail_after(CONNECT_TIMEOUT):
         tcp = await trio.open_tcp_stream(host, port)
+    stream: trio.abc.Stream = tcp
+    if tls_context is not None:
+        try:
+            stream = await client_stream(tcp, tls_context, conn.tls_server_name or host,
+                                         peer=conn.target,
+                                         handshake_timeout=HANDSHAKE_TIMEOUT)
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
     session = Session(Role.SOURCE)
-    fs = FrameStream(tcp, session)
+    fs = FrameStream(stream, session)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await fs.send_bytes(session.start(
@@ -312,6 +384,15 @@ async def open_session(conn: Connection, node: str, **hello: Any) -> tuple[Frame
             if isinstance(welcome, Error):
                 raise RemoteError(welcome.code, welcome.message)
         assert isinstance(welcome, Welcome)
+    except LinkError as exc:
+        await fs.aclose()
+        # TLS 1.3: the target checks our certificate after our side of the handshake
+        # is over, so its refusal (an alert) breaks the first read or write after it.
+        if conn.tls and not isinstance(exc, TLSHandshakeError):
+            refused = handshake_error(exc, f"TLS handshake with {conn.target}", "client")
+            if isinstance(refused, TLSHandshakeError):
+                raise refused from exc
+        raise
     except BaseException:
         await fs.aclose()
         raise

@@ -13,10 +13,12 @@ the control socket go on.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -36,11 +38,13 @@ from protocol.frames import (
     Pong,
     TaskResult,
     Welcome,
+    encode_frame,
 )
-from protocol.keys import KeyFileError, read_key
+from protocol.keys import KeyFileError, key_file_warning, read_key
 from protocol.ops import Op, TaskOp, check_relative_path
 from protocol.runtime.control import Emit, serve_control
 from protocol.runtime.groups import single_error
+from protocol.runtime.ratelimit import LoginLimiter
 from protocol.runtime.sdnotify import notify, watchdog_interval
 from protocol.runtime.statefile import load_json, save_json
 from protocol.runtime.stream import FrameStream, LinkError
@@ -52,6 +56,15 @@ from protocol.runtime.taskrun import (
     list_tasks,
     run_with_timeout,
 )
+from protocol.runtime.tls import (
+    TLS_HANDSHAKE_RECORD,
+    PlaintextPeerError,
+    TLSHandshakeError,
+    close_gracefully,
+    first_byte,
+    server_context,
+    server_stream,
+)
 from protocol.session import Role, Session
 from target_agent.applier import ApplyError
 from target_agent.config import SourceEntry, TargetConfig
@@ -61,6 +74,10 @@ from target_agent.restore import replica_bytes, stream_replica
 log = structlog.get_logger("target")
 
 HANDSHAKE_TIMEOUT = 15.0
+#: Connections still in the handshake, per peer address and in all: more are refused
+#: at once, so peers that connect and never authenticate cannot pile up tasks.
+MAX_HANDSHAKES_PER_PEER = 64
+MAX_HANDSHAKES = 1024
 IDLE_TIMEOUT = 60.0
 QUEUE_BATCHES = 16
 #: Apply at most this many bytes of waiting batches per worker-thread call.
@@ -75,9 +92,16 @@ class TargetAgent:
     def __init__(self, config: TargetConfig) -> None:
         self.config = config
         self.sources: dict[str, SourceEntry] = {s.node: s for s in config.source}
+        #: TLS on the listener, loaded at start: a bad file stops the start (TLSConfigError).
+        self.server_tls = (server_context(config.tls_ca, config.tls_cert, config.tls_key)
+                           if config.tls else None)
         self.replicas: dict[tuple[str, int], Replica] = {}
         self.started_at = time.time()
         self.refused_sessions = 0
+        #: Failed logins per peer address; a flooding address is refused unchecked.
+        self.login_limiter = LoginLimiter()
+        #: Connections not yet authenticated, by peer address (the accepted TCP streams).
+        self._handshaking: dict[str, set[trio.abc.Stream]] = {}
         self.tasks = TaskStore(os.path.join(config.state_dir, "tasks.json"))
         self.settings_path = os.path.join(config.state_dir, "settings.json")
         self.task_processing = True
@@ -101,6 +125,17 @@ class TargetAgent:
                     if entry is None:
                         replica.state = "unconfigured"
                     self.replicas[(node, replica.conid)] = replica
+        for entry in self.config.source:
+            # Said at start-up, naming the file, not only when that source connects.
+            try:
+                read_key(entry.key_file)
+            except KeyFileError as exc:
+                log.error("sessions from this source will be refused", source=entry.node,
+                          error=str(exc))
+            else:
+                warning = key_file_warning(entry.key_file)
+                if warning:
+                    log.warning(warning, source=entry.node)
         settings = load_json(self.settings_path) or {}
         self.task_processing = bool(settings.get("task_processing", True))
         for record in self.tasks.load():
@@ -130,52 +165,156 @@ class TargetAgent:
 
     # -- sessions ---------------------------------------------------------------------
 
+    async def _tls_link(self, tcp: trio.SocketStream, peer: str,
+                        bound: Any) -> trio.abc.Stream | None:
+        """``tcp`` as sessions use it: under TLS when ``config.tls``, else as is.
+
+        None when the source's TLS does not match this listener (TLS vs plaintext, a
+        refused certificate) or it went away: logged, answered with an ERROR frame
+        when the source can read one, ``tcp`` closed.
+        """
+        refusal: ProtocolError | None = None
+        farewell = b""
+        try:
+            if self.server_tls is not None:
+                link = await server_stream(tcp, self.server_tls, peer=peer,
+                                           handshake_timeout=HANDSHAKE_TIMEOUT)
+                bound.debug("TLS established", version=link.version(), cipher=link.cipher())
+                return link
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if await first_byte(tcp) != TLS_HANDSHAKE_RECORD:
+                    return tcp
+            refusal = ProtocolError(
+                f"TLS handshake from {peer} refused: this target has tls = false (set tls, "
+                "tls_ca, tls_cert and tls_key in the target config, or tls = false on the "
+                "source's connection)", code="tls")
+        except PlaintextPeerError as exc:
+            refusal = ProtocolError(str(exc), code="tls")
+        except TLSHandshakeError as exc:
+            self.refused_sessions += 1
+            bound.warning("session refused", reason=str(exc), code="tls")
+        except (LinkError, trio.TooSlowError) as exc:
+            bound.info("session closed", reason=str(exc) or "handshake timed out")
+            await trio.aclose_forcefully(tcp)
+            return None
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+        if refusal is not None:
+            self.refused_sessions += 1
+            bound.warning("session refused", reason=str(refusal), code=refusal.code)
+            # In plaintext: a plaintext source reads the ERROR; a TLS one fails its
+            # handshake with "wrong version number" (the target does not speak TLS).
+            farewell = Session(Role.TARGET).error_frame(refusal)
+        await close_gracefully(tcp, farewell)
+        return None
+
     async def _serve_client(self, stream: trio.SocketStream) -> None:
         try:
             peer = stream.socket.getpeername()
         except OSError:
             peer = ("?", 0)
-        fs = FrameStream(stream, Session(Role.TARGET))
+        address = str(peer[0])
         bound = log.bind(peer=f"{peer[0]}:{peer[1]}")
+        for summary in self.login_limiter.expired():
+            log.warning("failed-login block over", peer=summary.peer,
+                        refused_attempts=summary.refused, seconds=summary.seconds)
+        refusal = self._admission(address)
+        if refusal is not None:
+            # Before reading a byte: no key file read, no HMAC, no log line per attempt.
+            await close_gracefully(stream, encode_frame(Error(code=refusal.code,
+                                                              message=str(refusal))),
+                                   linger=0.5)
+            return
+        # Counted from here (TLS included) until authenticated or gone.
+        self._handshaking.setdefault(address, set()).add(stream)
         try:
-            replica = await self._handshake(fs, bound)
+            link = await self._tls_link(stream, f"{peer[0]}:{peer[1]}", bound)
+        except BaseException:
+            self._handshake_over(address, stream)
+            raise
+        if link is None:
+            self._handshake_over(address, stream)
+            return
+        fs = FrameStream(link, Session(Role.TARGET))
+        try:
+            replica = await self._handshake(fs, bound, address, stream)
             if replica is not None:
                 await self._stream(fs, replica)
         except ProtocolError as exc:
             self.refused_sessions += isinstance(exc, AuthenticationError)
+            where: dict[str, str] = {}
+            hello = fs.session.hello
+            entry = self.sources.get(hello.node) if hello is not None else None
+            if isinstance(exc, AuthenticationError) and entry is not None:
+                where["key_file"] = entry.key_file     # for the operator, not the peer
             bound.warning("session refused" if fs.session.welcome is None else "session ended",
-                          reason=str(exc), code=exc.code)
+                          reason=str(exc), code=exc.code, **where)
+            if isinstance(exc, AuthenticationError) and self.login_limiter.failure(address):
+                bound.warning(
+                    f"too many failed logins from {address}: "
+                    f"{self.login_limiter.max_failures} within "
+                    f"{self.login_limiter.window:g} s; refusing its connections for "
+                    f"{self.login_limiter.block:g} s without checking them",
+                    blocked_peer=address)
             await fs.fail(exc)
-        except (LinkError, trio.TooSlowError) as exc:
-            bound.info("session closed", reason=str(exc) or "handshake timed out")
+        except LinkError as exc:
+            bound.info("session closed", reason=str(exc))
         except KeyFileError as exc:
             bound.error("cannot read the key for a source", error=str(exc))
-            await fs.fail(ProtocolError("the target cannot read its key for this source",
-                                        code="config"))
+            await fs.fail(ProtocolError("the target cannot read its key for this source "
+                                        "(see the target's log)", code="config"))
         except Exception as exc:  # a bug in one session must not stop the agent
             bound.exception("session failed", error=str(exc))
             await fs.fail(ProtocolError(f"internal error: {exc}", code="internal"))
         finally:
+            self._handshake_over(address, stream)
             await fs.aclose()
 
-    async def _handshake(self, fs: FrameStream, bound: Any) -> Replica | None:
+    def _admission(self, address: str) -> ProtocolError | None:
+        """Why a new connection from ``address`` is refused unread, or None."""
+        left = self.login_limiter.blocked(address)
+        if left is not None:
+            return ProtocolError(f"too many failed logins from {address}; refused for "
+                                 f"{math.ceil(left)} s more", code="rate_limited")
+        if (len(self._handshaking.get(address, ())) >= MAX_HANDSHAKES_PER_PEER
+                or sum(map(len, self._handshaking.values())) >= MAX_HANDSHAKES):
+            return ProtocolError(f"too many unauthenticated connections from {address}",
+                                 code="rate_limited")
+        return None
+
+    def _handshake_over(self, address: str, stream: trio.abc.Stream) -> None:
+        pending = self._handshaking.get(address)
+        if pending is not None:
+            pending.discard(stream)
+            if not pending:
+                del self._handshaking[address]
+
+    async def _handshake(self, fs: FrameStream, bound: Any, address: str,
+                         tcp: trio.abc.Stream) -> Replica | None:
         session = fs.session
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
-            hello = await fs.receive()
-            if not isinstance(hello, Hello):
-                raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
-            entry = self.sources.get(hello.node)
-            if entry is None:
-                raise AuthenticationError(f"unknown source node {hello.node!r}",
-                                          code="unknown_source")
-            await fs.send_bytes(session.challenge(read_key(entry.key_file)))
-            auth = await fs.receive()
-            if isinstance(auth, Error):
-                raise AuthenticationError(
-                    f"source {hello.node!r} rejected this target's proof: the key for "
-                    f"{hello.node!r} differs on the two sides (wrong key)")
-            if not isinstance(auth, Auth):
-                raise ProtocolError(f"expected AUTH, got {type(auth).__name__}")
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                hello = await fs.receive()
+                if not isinstance(hello, Hello):
+                    raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+                entry = self.sources.get(hello.node)
+                if entry is None:
+                    raise AuthenticationError(f"unknown source node {hello.node!r}",
+                                              code="unknown_source")
+                await fs.send_bytes(session.challenge(read_key(entry.key_file)))
+                auth = await fs.receive()
+                if isinstance(auth, Error):
+                    raise AuthenticationError(
+                        f"source {hello.node!r} rejected this target's proof: the key for "
+                        f"{hello.node!r} differs on the two sides (wrong key)")
+                if not isinstance(auth, Auth):
+                    raise ProtocolError(f"expected AUTH, got {type(auth).__name__}")
+        except trio.TooSlowError:
+            raise ProtocolError(f"no complete handshake within {HANDSHAKE_TIMEOUT:g} s",
+                                code="timeout") from None
+        self.login_limiter.success(address)
+        self._handshake_over(address, tcp)
         check_relative_path(hello.target_path)
         try:
             target_path = hello.target_path.decode()
@@ -183,25 +322,37 @@ class TargetAgent:
             raise ProtocolError("target_path must be UTF-8", code="config") from None
         key = (hello.node, hello.conid)
         replica = self.replicas.get(key)
+        if replica is not None and replica.target_path != target_path:
+            raise ProtocolError(f"connection {hello.conid} of {hello.node} maps to "
+                                f"{replica.target_path!r}, not {target_path!r}", code="config")
+        # Every session, not only the first: another connection's replica may have
+        # put a symlink where this one's directory was (nested target paths).
+        try:
+            await trio.to_thread.run_sync(_make_replica_dir, entry.root, target_path)
+        except OSError as exc:
+            reason = ("a symlink or non-directory is in the way"
+                      if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror)
+            raise ProtocolError(f"cannot use replica directory {target_path!r} under the "
+                                f"root of {hello.node}: {reason}", code="config") from exc
         if replica is None:
             replica = Replica(node=hello.node, conid=hello.conid, target_path=target_path,
                               root=entry.root, state_path=os.path.join(
                                   self.config.state_dir, "connections", hello.node,
                                   f"{hello.conid}.json"))
-            await trio.to_thread.run_sync(_make_replica_dir, entry.root, target_path)
             await trio.to_thread.run_sync(replica.save)
             self.replicas[key] = replica
             bound.info("new connection", source=hello.node, conid=hello.conid,
                        replica=replica.replica_path)
-        elif replica.target_path != target_path:
-            raise ProtocolError(f"connection {hello.conid} of {hello.node} maps to "
-                                f"{replica.target_path!r}, not {target_path!r}", code="config")
         replica.root = entry.root
         # A newer session for the same connection replaces the old one (half-open links).
         if replica.session_scope is not None:
             replica.session_scope.cancel()
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as waited:
             await replica.lock.acquire()
+        if waited.cancelled_caught:
+            raise ProtocolError(f"connection {hello.conid} of {hello.node} is busy: its "
+                                f"previous session did not end within {HANDSHAKE_TIMEOUT:g} s",
+                                code="busy")
         try:
             return await self._welcome(fs, replica, hello, bound)
         except BaseException:
@@ -321,14 +472,25 @@ class TargetAgent:
             # small batches costs one checkpoint per interval, not one per batch.
             received = replica.applied_seq
             due = math.inf                  # trio clock: when the pending checkpoint is due
+            retry_at = 0.0                  # after a failed idle checkpoint: not before
             pending_bytes = 0
+
+            async def keepalive() -> None:
+                # While an apply is paused (disk full) the receiver stops, and with it
+                # the PONGs: a repeated ACK tells the source this side is alive.
+                # The failed batch's ops before the failing one may be durable by now
+                # (all of them were received).
+                durable = replica.applied_seq
+                await fs.send(Ack(received=max(received, durable), durable=durable))
+
             async with receive_channel:
                 try:
                     while True:
                         first: Ops | None = None
                         try:
                             if replica.checkpoint_pending:
-                                wait = min(CHECKPOINT_QUIET, due - trio.current_time())
+                                now = trio.current_time()
+                                wait = max(min(CHECKPOINT_QUIET, due - now), retry_at - now)
                                 with trio.move_on_after(max(wait, 0.0)):
                                     first = await receive_channel.receive()
                             else:
@@ -336,7 +498,18 @@ class TargetAgent:
                         except trio.EndOfChannel:
                             break
                         if first is None:   # quiet, or the interval is up
-                            await trio.to_thread.run_sync(replica.checkpoint)
+                            try:
+                                await trio.to_thread.run_sync(replica.checkpoint)
+                            except ApplyError as exc:
+                                if exc.permanent:
+                                    raise ProtocolError(f"checkpoint failed: {exc}",
+                                                        code="apply") from exc
+                                # e.g. the state file's disk is full: keep the ops
+                                # applied, say so, and try again in a second.
+                                replica.last_error = f"checkpoint failed: {exc}"
+                                bound.warning("checkpoint failed; retrying", error=str(exc))
+                                retry_at = trio.current_time() + 1.0
+                                continue
                             due, pending_bytes = math.inf, 0
                             await fs.send(Ack(received=received, durable=replica.applied_seq))
                             continue
@@ -357,7 +530,8 @@ class TargetAgent:
                                    or trio.current_time() >= due)
                         try:
                             await self._apply_with_tasks(replica, batches[0].first_seq, ops,
-                                                         checkpoint=now_due)
+                                                         checkpoint=now_due,
+                                                         keepalive=keepalive)
                         except ApplyError as exc:
                             raise ProtocolError(f"refused op: {exc}", code="apply") from exc
                         if not replica.checkpoint_pending:
@@ -422,7 +596,9 @@ class TargetAgent:
         return isinstance(op, TaskOp) and op.conid == replica.conid and op.trigger == trigger
 
     async def _apply_with_tasks(self, replica: Replica, first_seq: int, ops: list[Op], *,
-                                checkpoint: bool = True) -> None:
+                                checkpoint: bool = True,
+                                keepalive: Callable[[], Awaitable[None]] | None = None,
+                                ) -> None:
         """Apply ops in order; an ``execute`` task runs after everything before it is
         applied and durable, and the ops after it wait for it (DESIGN §6).
 
@@ -432,14 +608,16 @@ class TargetAgent:
         for i, op in enumerate(ops):
             if self._is_task(op, replica, "execute") and first_seq + i > replica.applied_seq:
                 if i > start:
-                    await replica.apply_with_retry(first_seq + start, ops[start:i])
+                    await replica.apply_with_retry(first_seq + start, ops[start:i],
+                                                   keepalive=keepalive)
                 # Earlier batches may still wait for their checkpoint: the task sees
                 # everything before it durable.
                 await trio.to_thread.run_sync(replica.checkpoint)
                 assert isinstance(op, TaskOp)
                 await self._run_target_task(replica, first_seq + i, op)
                 start = i
-        await replica.apply_with_retry(first_seq + start, ops[start:], checkpoint=checkpoint)
+        await replica.apply_with_retry(first_seq + start, ops[start:], checkpoint=checkpoint,
+                                       keepalive=keepalive)
 
     async def _run_target_task(self, replica: Replica, seq: int, op: TaskOp) -> None:
         """Run a target-side task at most once and report its result to the source."""
@@ -516,6 +694,7 @@ class TargetAgent:
         return ok("", role="target", node=self.config.node, listen=self.config.listen,
                   uptime_seconds=round(time.time() - self.started_at, 1),
                   refused_sessions=self.refused_sessions,
+                  login_attempts_rate_limited=self.login_limiter.refused_total,
                   task_processing=self.task_processing,
                   tasks_available=list_tasks(self.config.task_dir), connections=conns)
 

@@ -26,9 +26,11 @@ pointing at the same inode, which the applier accepts.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +39,7 @@ import trio
 
 from protocol.ops import RENAME_EXCHANGE, CheckOp, NoteOp, Op, RenameOp
 from protocol.runtime.statefile import load_json, save_json
-from target_agent.applier import Applier, ApplyError
+from target_agent.applier import TRANSIENT_ERRNOS, Applier, ApplyError
 from target_agent.checker import check
 from target_agent.pathguard import PathError
 
@@ -45,6 +47,9 @@ log = structlog.get_logger("replica")
 
 MAX_BACKOFF = 5.0
 FLAG_AFTER_FAILURES = 10
+#: A full file system loses nothing while the op is retried: the connection pauses
+#: (state "paused") until space is freed, without being flagged mirror-required.
+_FULL: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 @dataclass
@@ -71,6 +76,8 @@ class Replica:
     ops_applied: int = 0
     bytes_applied: int = 0
     last_checkpoint: float | None = None
+    #: wall time the current pause began (apply failing and being retried), else None
+    paused_since: float | None = None
     session_scope: trio.CancelScope | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
     applier: Applier | None = None
@@ -109,8 +116,11 @@ class Replica:
             return "mirror required"
         return "good"
 
-    def save(self) -> None:
-        save_json(self.state_path, {k: getattr(self, k) for k in self._PERSISTED})
+    def save(self, **override: Any) -> None:
+        """Persist the state; ``override`` replaces fields in what is written only."""
+        state = {k: getattr(self, k) for k in self._PERSISTED}
+        state.update(override)
+        save_json(self.state_path, state)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -122,6 +132,7 @@ class Replica:
             "target_path": self.target_path, "replica_path": self.replica_path,
             "ops_applied": self.ops_applied, "bytes_applied": self.bytes_applied,
             "apply_failures": self.apply_failures, "last_error": self.last_error,
+            "paused_since": self.paused_since,
             "tolerated_missing": self.applier.tolerated_missing if self.applier else 0,
         }
 
@@ -229,42 +240,99 @@ class Replica:
             return
         assert self.applier is not None
         self.applier.sync()
+        try:
+            # Written first, published after: status, ACKs and a new session's
+            # resume point (read from other threads) never show a seq the file does
+            # not hold yet.
+            self.save(applied_seq=self._pending_seq, intent=None)
+        except OSError as exc:
+            # The state file's file system is full (or failing): the seq stays where
+            # the file says, so no ACK claims more than a restart would resume from.
+            raise ApplyError(f"checkpoint: cannot save {self.state_path}: "
+                             f"{exc.strerror or exc}",
+                             permanent=exc.errno not in TRANSIENT_ERRNOS,
+                             errno=exc.errno) from exc
         self.applied_seq = self._pending_seq
         self.intent = None
-        self.save()
         self.last_checkpoint = time.time()
 
     async def apply_with_retry(self, first_seq: int, ops: list[Op], *,
-                               checkpoint: bool = True) -> None:
+                               checkpoint: bool = True,
+                               keepalive: Callable[[], Awaitable[None]] | None = None) -> None:
         """Apply a batch; on temporary errors (ENOSPC, EIO, EACCES) retry with backoff.
 
-        Never drops an op. After repeated failures the connection is flagged
-        mirror-required (its status says why) but the retries go on, so freeing
-        space lets it resume by itself.
+        Never drops an op: while an op fails the connection is *paused* (state
+        "paused", ``last_error`` says why, one warning in the log) and the same op is
+        retried every few seconds, so freeing space lets it resume by itself. A full
+        file system (ENOSPC, EDQUOT) only pauses; other temporary errors flag the
+        connection mirror-required after repeated failures (DESIGN §5), retries going on.
+        Cancellation (session end) stops the retries; the next session resumes at
+        the checkpoint. ``keepalive`` is awaited after every failed attempt, so the
+        session can show the source it is alive while paused (e.g. a repeated ACK:
+        a paused applier stops the receiver, and with it the answers to PINGs).
         Raises:
             ApplyError: a permanent error (the caller ends the session).
         """
         backoff = 0.2
         start = 0
-        while start < len(ops):
+        failures = 0
+        while True:
             try:
-                start += await trio.to_thread.run_sync(
-                    functools.partial(self.apply_ops, first_seq + start, ops[start:],
-                                      checkpoint=checkpoint))
-                self.state = "replicating"
-                self.last_error = ""
+                if start < len(ops):
+                    start += await trio.to_thread.run_sync(
+                        functools.partial(self.apply_ops, first_seq + start, ops[start:],
+                                          checkpoint=checkpoint))
+                elif checkpoint and self.checkpoint_pending:
+                    # Everything applied, but the checkpoint failed (its state file's
+                    # file system is full): retry that alone.
+                    await trio.to_thread.run_sync(self.checkpoint)
+                else:
+                    break
             except ApplyError as exc:
                 if exc.permanent:
                     raise
+                failures += 1
                 self.apply_failures += 1
-                start = self.applied_seq - first_seq + 1
-                self.state = "paused"
-                self.last_error = str(exc)
-                log.warning("apply failed; retrying", node=self.node, conid=self.conid,
-                            seq=self.applied_seq + 1, error=str(exc), retry_in=backoff)
-                if self.apply_failures == FLAG_AFTER_FAILURES and not self.mirror_required:
+                # Everything before the failing op is applied (and, unless the checkpoint
+                # itself failed, checkpointed): go on from the first op not applied.
+                done = max(self._pending_seq, self.applied_seq)
+                start = max(done - first_seq + 1, 0)
+                self._pause(exc, first_seq + start, backoff, failures)
+                if (failures >= FLAG_AFTER_FAILURES and exc.errno not in _FULL
+                        and not self.mirror_required):
                     self.mirror_required = True
                     self.mirror_reason = f"repeated apply failures: {exc}"
+                    log.error("apply keeps failing: connection flagged mirror-required "
+                              "(retries go on)", node=self.node, conid=self.conid,
+                              error=str(exc))
                     await trio.to_thread.run_sync(self.save)
+                if keepalive is not None:
+                    await keepalive()
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
+        if self.state == "paused":
+            log.warning("apply resumed", node=self.node, conid=self.conid,
+                        seq=first_seq + start - 1, failures=failures,
+                        paused_seconds=round(time.time() - (self.paused_since or 0), 1))
+        self.state = "replicating"
+        self.last_error = ""
+        self.paused_since = None
+
+    def _pause(self, exc: ApplyError, seq: int, retry_in: float, failures: int) -> None:
+        name = errno.errorcode.get(exc.errno or 0, "error")
+        if exc.errno in _FULL:
+            reason = (f"{name}: the replica's file system is full; paused at seq {seq}, "
+                      f"retrying until space is freed ({exc})")
+        else:
+            reason = f"{name}: apply failed at seq {seq}, retrying ({exc})"
+        first = self.state != "paused" or self.last_error.split(":")[0] != name
+        self.state = "paused"
+        self.last_error = reason
+        if self.paused_since is None:
+            self.paused_since = time.time()
+        if first:
+            log.warning("connection paused: apply failed", node=self.node, conid=self.conid,
+                        seq=seq, error=str(exc), errno=name, reason=reason)
+        else:
+            log.debug("apply still failing; retrying", node=self.node, conid=self.conid,
+                      seq=seq, error=str(exc), failures=failures, retry_in=retry_in)

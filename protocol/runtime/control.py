@@ -62,6 +62,10 @@ async def serve_control(path: str, handler: Handler, *, allowed_uids: set[int] |
         finally:
             probe.close()
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Linux creates the socket file with the socket inode's mode minus the umask: set
+    # it first, so the file never exists with a wider mode than ``mode``, even for
+    # the instant before the chmod (which restores bits a strict umask removed).
+    os.fchmod(listener.fileno(), mode)
     await listener.bind(path)
     os.chmod(path, mode)
     listener.listen(64)
@@ -88,6 +92,12 @@ async def _serve_one(sock: trio.socket.SocketType, handler: Handler, allowed_uid
         if uid not in allowed_uids and gid not in allowed_gids:
             log.warning("control client refused", pid=pid, uid=uid, gid=gid)
             await stream.send_all(encode(failed(f"uid {uid} may not control this agent")))
+            # Closing with its request unread would reset the connection and could drop
+            # the refusal before the client reads it: end our side, drain briefly.
+            with trio.move_on_after(1):
+                await stream.send_eof()
+                while await stream.receive_some(65536):
+                    pass
             return
         line = await _read_line(stream)
         if line is None:

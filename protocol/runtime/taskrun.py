@@ -87,13 +87,16 @@ def check_task(task_dir: str | None, name: str) -> str:
     except OSError as exc:
         raise TaskRefusedError(f"task {name!r}: {exc.strerror}") from exc
     real_dir = os.path.realpath(task_dir)
-    if os.path.dirname(os.path.realpath(path)) != real_dir:
+    real_path = os.path.realpath(path)
+    if os.path.dirname(real_path) != real_dir:
         raise TaskRefusedError(f"task {name!r} is a symlink leading out of {task_dir}")
     if not stat.S_ISREG(st.st_mode):
         raise TaskRefusedError(f"task {name!r} in {task_dir} is not a regular file")
-    if not os.access(path, os.X_OK):
+    if not os.access(real_path, os.X_OK):
         raise TaskRefusedError(f"task {name!r} in {task_dir} is not executable (chmod +x)")
-    return path
+    # The resolved path, not the name: a symlink swapped after this check cannot
+    # redirect the run outside task_dir.
+    return real_path
 
 
 def list_tasks(task_dir: str | None) -> list[str]:

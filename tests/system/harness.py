@@ -176,8 +176,13 @@ class Cluster:
         return agent
 
     def source(self, node: str, volume: Path, connections: list[tuple[int, Agent, str]],
-               extra: str = "", key_name: str | None = None) -> Agent:
-        """A source protecting ``volume`` with (conid, target agent, target_path) connections."""
+               extra: str = "", key_name: str | None = None,
+               via: dict[int, str] | None = None) -> Agent:
+        """A source protecting ``volume`` with (conid, target agent, target_path) connections.
+
+        ``via``: conid → "host:port" to dial instead of the target's listen address
+        (a chaos proxy in front of it, see tests/faults/proxy.py).
+        """
         d = self.base / node
         d.mkdir(parents=True, exist_ok=True)
         volume.mkdir(parents=True, exist_ok=True)
@@ -185,8 +190,9 @@ class Cluster:
                  f'control_socket = "{d}/source.sock"', f'task_dir = "{d}/tasks.d"', extra,
                  "[[volume]]", 'name = "data"', f'path = "{volume}"']
         for conid, target, tpath in connections:
+            address = (via or {}).get(conid, f"127.0.0.1:{target.extra['port']}")
             lines += ["[[connection]]", f"id = {conid}", 'volume = "data"',
-                      f'target = "127.0.0.1:{target.extra["port"]}"',
+                      f'target = "{address}"',
                       f'target_path = "{tpath}"', f'key_file = "{self.key(key_name or node)}"']
         cfg = d / "source.toml"
         cfg.write_text("\n".join(lines) + "\n")

@@ -131,12 +131,15 @@ def test_bad_peers_are_refused_and_good_source_keeps_replicating(
     # Unknown node.
     unknown = cluster.source("stranger", tmp_path / "vol3", [(1, target, "data")])
     unknown.start()
-    # Garbage on the port.
-    with socket.create_connection(("127.0.0.1", target.extra["port"])) as s:
-        s.sendall(b"\x16\x03\x01 this is not mirrorline" * 10)
-        s.settimeout(5)
-        reply = s.recv(4096)
-    assert b"frame" in reply
+    # Garbage on the port: a bad frame, and bytes that look like a TLS ClientHello
+    # (this target has tls = false, and says so).
+    for garbage, expected in ((b"this is not mirrorline" * 10, b"frame"),
+                              (b"\x16\x03\x01 this is not mirrorline" * 10, b"tls = false")):
+        with socket.create_connection(("127.0.0.1", target.extra["port"])) as s:
+            s.sendall(garbage)
+            s.settimeout(5)
+            reply = s.recv(4096)
+        assert reply.startswith(b"ML") and expected in reply, reply
     for i in range(50):
         (volume / f"f{i}").write_text(str(i))
     wait_synced(good)
