@@ -6,7 +6,8 @@ case, and ``*`` means every connection. :func:`parse_argv` handles the global op
 returns an :class:`Invocation`; :func:`parse_command` turns the words of one command (as
 typed after ``mirrorline``, or as a line of a ``run`` script) into a :class:`Command`:
 either a :class:`Remote` control request for an agent, or a local command (``keygen``,
-``run``, ``help``) that needs no daemon.
+``run``, ``help``, ``version``) that needs no daemon. ``<command> --help`` (or ``-h`` as its
+only word) is ``help <command>``; ``--version`` is ``version``.
 
 Our own ``--options`` are recognised anywhere in a command, before a ``--`` word;
 ``queuetask`` passes every other word through as a task argument, so a task argument that
@@ -64,8 +65,10 @@ SYNOPSIS: Final[dict[str, tuple[str, ...]]] = {
         "orphans list|remove <conid> [olderthan=<days>]",
         "orphans move <conid> [olderthan=<days>]   (to the target's holding area)",
     ),
-    "restore": ("restore <conid> [overwrite|newer|checksum] [orphans=remove|keep] "
-                "[--wait [--timeout S]]",),
+    "restore": (
+        "restore <conid> [overwrite|newer|checksum] [orphans=remove|keep]",
+        "        [--wait [--timeout S]]",
+    ),
     "failback": ("failback <source-node> <conid>|*      (on the target; restore required stays)",),
     "queuetask": (
         "queuetask <conid>|* <task> [<arg>...] [on=queue|transmit|receive|execute]",
@@ -75,14 +78,86 @@ SYNOPSIS: Final[dict[str, tuple[str, ...]]] = {
     "taskprocessing": ("taskprocessing enable|disable",),
     "keygen": ("keygen [<file>] [--force]",),
     "run": ("run <script>|-",),
-    "help": ("help [<command>]",),
+    "help": ("help [<command>]", "<command> --help"),
+    "version": ("version   (also: mirrorline --version)",),
+}
+
+# What each command does, for ``help <command>`` and ``<command> --help``.
+DESCRIPTION: Final[dict[str, str]] = {
+    "status": "Show the agent's volumes and connections: state, acked and captured seq, "
+              "queue, lag and the restore-required / mirror-required flags.",
+    "connect": "Create a connection from a protected volume to a target and print its conid "
+               "(never reused). A relative key file is made absolute here.",
+    "disconnect": "Remove a connection (or every connection with '*').",
+    "replication": "Start or stop sending ops to the target; stopped connections keep "
+                   "journaling. 'start' is refused (exit 1) while restore required is set, "
+                   "unless clearrestorerequired is given.",
+    "wait": "Return when the target has made durable every op captured before the call.",
+    "failover": "On the target: stop applying the connection so the replica becomes the "
+                "live copy; sets restore required.",
+    "mirror": "Bring the target in sync in the stream, while applications keep writing. "
+              "--wait waits for the mirror to finish.",
+    "verify": "Compare source and target in the stream; fails (exit 1) listing what "
+              "differs. remirror copies the differences.",
+    "orphans": "List, remove or move entries that exist only on the target.",
+    "restore": "Copy the target's data back to the source (replication stopped); clears "
+               "restore required.",
+    "failback": "On the target: end a failover without restoring.",
+    "queuetask": "Queue a task (an executable in the target's task_dir) at this point of "
+                 "the stream. With --wait, wait for it and exit with its own exit code.",
+    "tasks": "List recent task records.",
+    "taskprocessing": "Turn task processing on or off (persisted).",
+    "keygen": "Write a new random connection key to <file> (mode 0600), or print it. "
+              "An existing file is only replaced with --force.",
+    "run": "Run a script of commands, one per line, split like a shell would (quotes "
+           "work); '#' starts a comment, blank lines are skipped, a leading 'mirrorline' "
+           "and per-line --socket are allowed. Every line is checked first; nothing runs "
+           "if one is invalid. Stops at the first failing command and exits with its "
+           "code; stderr names the line (file:line) and the command. '-' reads stdin.",
+    "help": "Show every command, or one command's usage, description and exit codes.",
+    "version": "Print the installed mirrorline version.",
+}
+
+_EXIT_OK: Final = (0, "ok")
+_EXIT_USAGE: Final = (2, "usage error (nothing was sent)")
+_EXIT_UNREACHABLE: Final = (3, "daemon unreachable (no socket, refused, or it went away)")
+_EXIT_TIMEOUT: Final = (4, "timed out (--timeout passed; the operation may go on)")
+_REMOTE_EXITS: Final = (_EXIT_OK, (1, "the command failed on the agent"), _EXIT_USAGE,
+                        _EXIT_UNREACHABLE)
+_WAITING_EXITS: Final = (*_REMOTE_EXITS, _EXIT_TIMEOUT)
+
+# The exit codes of each command, for its help text.
+EXIT_CODES: Final[dict[str, tuple[tuple[int | str, str], ...]]] = {
+    "status": _REMOTE_EXITS,
+    "connect": _REMOTE_EXITS,
+    "disconnect": _REMOTE_EXITS,
+    "replication": _REMOTE_EXITS,
+    "wait": _WAITING_EXITS,
+    "failover": _REMOTE_EXITS,
+    "mirror": _WAITING_EXITS,
+    "verify": (_EXIT_OK, (1, "differences found, or the command failed"), _EXIT_USAGE,
+               _EXIT_UNREACHABLE, _EXIT_TIMEOUT),
+    "orphans": _REMOTE_EXITS,
+    "restore": _WAITING_EXITS,
+    "failback": _REMOTE_EXITS,
+    "queuetask": (*_WAITING_EXITS, ("N", "with --wait: the task's own exit code")),
+    "tasks": _REMOTE_EXITS,
+    "taskprocessing": _REMOTE_EXITS,
+    "keygen": (_EXIT_OK, (1, "the file exists (without --force) or cannot be written"),
+               _EXIT_USAGE),
+    "run": (_EXIT_OK, (1, "a command failed, or the script cannot be read"),
+            (2, "a line is not a valid command (nothing was run)"),
+            ("N", "otherwise the exit code of the first failing command (3, 4, a task's)")),
+    "help": (_EXIT_OK, (2, "no such command")),
+    "version": (_EXIT_OK,),
 }
 
 _SECTIONS: Final = (
-    ("Replication", ("status", "connect", "disconnect", "replication", "wait", "failover")),
+    ("Replication", ("status", "connect", "disconnect", "replication", "wait", "failover",
+                     "failback")),
     ("Mirror, verify, restore", ("mirror", "verify", "orphans", "restore")),
     ("Tasks", ("queuetask", "tasks", "taskprocessing")),
-    ("Local (no daemon)", ("keygen", "run", "help")),
+    ("Local (no daemon)", ("keygen", "run", "help", "version")),
 )
 
 _FOOTER: Final = """\
@@ -91,7 +166,8 @@ Keywords are case-insensitive. '*' means every connection; quote it in a shell.
 The socket defaults to $MIRRORLINE_SOCKET, then /run/mirrorline/source.sock;
 use --socket /run/mirrorline/target.sock for commands served by the target.
 Exit codes: 0 ok, 1 failed, 2 usage error, 3 daemon unreachable, 4 timed out
-(queuetask --wait exits with the task's own code)."""
+(queuetask --wait exits with the task's own code).
+'mirrorline help <command>' or 'mirrorline <command> --help' shows one command in full."""
 
 
 class UsageError(Exception):
@@ -172,6 +248,13 @@ class RunScript(_Frozen):
         super().__init__(path)
 
 
+class Version(_Frozen):
+    _fields = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+
+
 class Help(_Frozen):
     _fields = ("topic",)
     topic: str | None
@@ -180,7 +263,7 @@ class Help(_Frozen):
         super().__init__(topic)
 
 
-Command = Remote | Keygen | RunScript | Help
+Command = Remote | Keygen | RunScript | Help | Version
 
 
 class Invocation(_Frozen):
@@ -195,12 +278,18 @@ class Invocation(_Frozen):
 
 
 def usage(topic: str | None = None) -> str:
-    """The usage text: every command, or one command's synopsis."""
+    """The usage text: every command, or one command's synopsis, description and exit codes.
+
+    Raises:
+        UsageError: ``topic`` is not a command.
+    """
     if topic is not None:
         name = topic.lower()
         if name not in SYNOPSIS:
             raise UsageError(f"no such command: {topic!r}", "help")
-        return "\n".join(_usage_lines(name))
+        lines = [*_usage_lines(name), "", *_wrap(DESCRIPTION[name]), "", "Exit codes:"]
+        lines += [f"  {code!s:>2}  {meaning}" for code, meaning in EXIT_CODES[name]]
+        return "\n".join(lines)
     lines = ["usage: mirrorline [--socket PATH] [--json] COMMAND ...", ""]
     for title, names in _SECTIONS:
         lines.append(f"{title}:")
@@ -208,6 +297,18 @@ def usage(topic: str | None = None) -> str:
         lines.append("")
     lines.append(_FOOTER)
     return "\n".join(lines)
+
+
+def _wrap(text: str, width: int = 79) -> list[str]:
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*lines, line] if line else lines
 
 
 def _usage_lines(name: str) -> list[str]:
@@ -243,6 +344,10 @@ def parse_command(words: Sequence[str], cwd: str | None = None) -> Command:
     name = words[0].lower()
     if name in ("--help", "-h"):
         name = "help"
+    elif name == "--version":
+        name = "version"
+    if name in SYNOPSIS and _asks_help(words[1:]):
+        return Help(name)
     parser = _PARSERS.get(name)
     if parser is None:
         import difflib  # only for this message: the CLI's start-up is every command's latency
@@ -259,11 +364,23 @@ def parse_command(words: Sequence[str], cwd: str | None = None) -> Command:
     return command
 
 
+def _asks_help(words: Sequence[str]) -> bool:
+    """``--help`` anywhere before ``--``, or ``-h`` as the only word."""
+    if [word.lower() for word in words] == ["-h"]:
+        return True
+    for word in words:
+        if word == "--":
+            return False
+        if word.lower() == "--help":
+            return True
+    return False
+
+
 def parse_request(words: Sequence[str]) -> Request:
     """Parse one agent command into its request.
 
     Raises:
-        UsageError: not a valid command, or a local one (keygen, run, help).
+        UsageError: not a valid command, or a local one (keygen, run, help, version).
     """
     command = parse_command(words)
     if not isinstance(command, Remote):
@@ -728,6 +845,12 @@ def _parse_help(words: _Words) -> Command:
     return Help(topic.lower() if topic else None)
 
 
+def _parse_version(words: _Words) -> Command:
+    words.take_flags()
+    words.done()
+    return Version()
+
+
 _PARSERS: Final[dict[str, Callable[[_Words], Command]]] = {
     "status": _parse_status,
     "connect": _parse_connect,
@@ -746,6 +869,7 @@ _PARSERS: Final[dict[str, Callable[[_Words], Command]]] = {
     "keygen": _parse_keygen,
     "run": _parse_run,
     "help": _parse_help,
+    "version": _parse_version,
 }
 
 

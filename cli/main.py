@@ -1,7 +1,7 @@
 """``mirrorline``: the command-line interface to the Mirrorline agents.
 
 ``main`` parses the command line (:mod:`cli.grammar`), then either runs a local command
-(``help``, ``keygen``, ``run``) or sends one request to an agent's control socket
+(``help``, ``version``, ``keygen``, ``run``) or sends one request to an agent's control socket
 (:mod:`cli.client`) and prints what comes back (:mod:`cli.output`). Exit codes: 0 ok,
 1 failed (or the code the agent's result carries, e.g. a task's own exit code), 2 usage,
 3 daemon unreachable, 4 timed out.
@@ -26,6 +26,7 @@ from cli.grammar import (
     Remote,
     RunScript,
     UsageError,
+    Version,
     parse_argv,
     split_script_line,
     usage,
@@ -71,6 +72,13 @@ def execute(command: Command, socket_path: str, printer: Printer) -> int:
         else:
             printer.text(text)
         return Exit.OK
+    if isinstance(command, Version):
+        version = package_version()
+        if printer.json_mode:
+            printer.result(ok(f"mirrorline {version}", version=version))
+        else:
+            printer.text(f"mirrorline {version}")
+        return Exit.OK
     if isinstance(command, Keygen):
         return _keygen(command, printer)
     if isinstance(command, RunScript):
@@ -104,6 +112,17 @@ def call(command: Remote, socket_path: str, printer: Printer) -> int:
     assert result is not None  # exchange() ends with a result or raises
     printer.result(result, command.request.command)
     return exit_code(result)
+
+
+def package_version() -> str:
+    """The installed distribution's version (importlib.metadata), or ``unknown``."""
+    # imported here: only --version pays for importlib.metadata (email, zipfile, ...)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mirrorline")
+    except PackageNotFoundError:
+        return "unknown (not installed as a package)"
 
 
 def exit_code(result: Result) -> int:

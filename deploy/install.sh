@@ -3,7 +3,13 @@
 # upgrades the installed package in place and never overwrites an existing config.
 #
 #   deploy/install.sh [--prefix DIR] [--bindir DIR] [--confdir DIR] [--unitdir DIR]
-#                     [--python PYTHON] [--no-apt]
+#                     [--datadir DIR] [--destdir DIR] [--python PYTHON] [--no-apt]
+#
+# --destdir DIR (or DESTDIR=DIR): stage everything under DIR, for packaging or a
+# test, as `make install DESTDIR=` does: paths inside the files (unit ExecStart=, the
+# command symlinks) are the final ones, no apt-get and no systemctl. The venv is built
+# in DIR too (venvs are not relocatable: build it where it will run to use it).
+# MIRRORLINE_INSTALL_SKIP_VENV=1 skips step 2 (no venv, no pip: the tests use it).
 #
 # What it does:
 #   1. FUSE system packages (fuse3, libfuse3-dev, pkg-config, gcc) with apt-get when
@@ -15,7 +21,8 @@
 #   4. the systemd units into UNITDIR (default /etc/systemd/system);
 #   5. CONFDIR (default /etc/mirrorline) with keys/ (0700), tasks.d/ and the example
 #      configs (only those that are absent); the live configs are left to you;
-#   6. systemctl daemon-reload when systemd is running.
+#   6. bash and zsh completions under DATADIR (default /usr/local/share);
+#   7. systemctl daemon-reload when systemd is running.
 # It enables and starts nothing.
 set -euo pipefail
 
@@ -24,10 +31,12 @@ bindir=/usr/local/bin
 confdir=/etc/mirrorline
 unitdir=/etc/systemd/system
 python=${PYTHON:-python3}
+datadir=/usr/local/share
+destdir=${DESTDIR:-}
 use_apt=1
 scripts=(mirrorline mirrorline-source mirrorline-target)
 
-usage() { sed -n '2,20s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,28s/^# \{0,1\}//p' "$0"; }
 die() { echo "install.sh: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
@@ -40,6 +49,10 @@ while [ $# -gt 0 ]; do
         --confdir=*) confdir=${1#*=}; shift ;;
         --unitdir) unitdir=${2:?--unitdir needs a directory}; shift 2 ;;
         --unitdir=*) unitdir=${1#*=}; shift ;;
+        --datadir) datadir=${2:?--datadir needs a directory}; shift 2 ;;
+        --datadir=*) datadir=${1#*=}; shift ;;
+        --destdir) destdir=${2:?--destdir needs a directory}; shift 2 ;;
+        --destdir=*) destdir=${1#*=}; shift ;;
         --python) python=${2:?--python needs an interpreter}; shift 2 ;;
         --python=*) python=${1#*=}; shift ;;
         --no-apt) use_apt=0; shift ;;
@@ -52,6 +65,14 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 [ -f "$src/pyproject.toml" ] || die "$src does not look like the mirrorline source tree"
 case "$prefix" in /*) ;; *) prefix="$(pwd)/$prefix" ;; esac
 venv="$prefix/venv"
+if [ -n "$destdir" ]; then
+    case "$destdir" in /*) ;; *) destdir="$(pwd)/$destdir" ;; esac
+    destdir=${destdir%/}
+    use_apt=0
+fi
+# $D...: where files are written; the plain paths are what the installed files name.
+Dvenv=$destdir$venv Dbindir=$destdir$bindir Dunitdir=$destdir$unitdir
+Dconfdir=$destdir$confdir Ddatadir=$destdir$datadir
 
 # -- 1. system packages ---------------------------------------------------------------
 need_apt=()
@@ -71,64 +92,82 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # -- 2. virtualenv ----------------------------------------------------------------------
-"$python" - <<'PY' || die "$python is too old: Python >= 3.11 is needed (--python)"
+if [ "${MIRRORLINE_INSTALL_SKIP_VENV:-0}" = 1 ]; then
+    echo "== MIRRORLINE_INSTALL_SKIP_VENV=1: not creating $Dvenv"
+else
+    "$python" - <<'PY' || die "$python is too old: Python >= 3.11 is needed (--python)"
 import sys
 sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
-if [ ! -x "$venv/bin/python" ]; then
-    echo "== creating $venv"
-    mkdir -p "$prefix"
-    "$python" -m venv "$venv" \
-        || die "could not create $venv (on Debian: apt-get install python3-venv)"
+    if [ ! -x "$Dvenv/bin/python" ]; then
+        echo "== creating $Dvenv"
+        mkdir -p "$(dirname "$Dvenv")"
+        "$python" -m venv "$Dvenv" \
+            || die "could not create $Dvenv (on Debian: apt-get install python3-venv)"
+    fi
+    echo "== installing mirrorline[fuse] from $src into $Dvenv"
+    "$Dvenv/bin/python" -m pip install -q --disable-pip-version-check "${src}[fuse]"
+    # Same version number, newer code: make sure the tree's code is what gets installed.
+    "$Dvenv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall \
+        --no-deps "$src"
+    for s in "${scripts[@]}"; do
+        [ -x "$Dvenv/bin/$s" ] || die "$Dvenv/bin/$s was not installed"
+    done
 fi
-echo "== installing mirrorline[fuse] from $src into $venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check "$src[fuse]"
-# Same version number, newer code: make sure the tree's code is what gets installed.
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall \
-    --no-deps "$src"
 
 # -- 3. commands ------------------------------------------------------------------------
-mkdir -p "$bindir"
+install -d -m 0755 "$destdir$prefix"
+mkdir -p "$Dbindir"
 for s in "${scripts[@]}"; do
-    [ -x "$venv/bin/$s" ] || die "$venv/bin/$s was not installed"
-    ln -sfn "$venv/bin/$s" "$bindir/$s"
+    ln -sfn "$venv/bin/$s" "$Dbindir/$s"
 done
-echo "== linked ${scripts[*]} into $bindir"
+echo "== linked ${scripts[*]} into $Dbindir"
 
 # -- 4. units ---------------------------------------------------------------------------
-mkdir -p "$unitdir"
+mkdir -p "$Dunitdir"
 for role in source target; do
     unit="mirrorline-$role.service"
     # The units run /usr/local/bin/mirrorline-* with /etc/mirrorline/*.toml: follow a
     # different --bindir or --confdir.
     sed -e "s#/usr/local/bin/#$bindir/#g" -e "s#/etc/mirrorline/#$confdir/#g" \
-        "$src/deploy/$unit" >"$unitdir/$unit.tmp"
-    chmod 0644 "$unitdir/$unit.tmp"
-    mv -f "$unitdir/$unit.tmp" "$unitdir/$unit"
+        "$src/deploy/$unit" >"$Dunitdir/$unit.tmp"
+    chmod 0644 "$Dunitdir/$unit.tmp"
+    mv -f "$Dunitdir/$unit.tmp" "$Dunitdir/$unit"
 done
-echo "== installed units into $unitdir"
+echo "== installed units into $Dunitdir"
 
 # -- 5. configuration -------------------------------------------------------------------
-install -d -m 0755 "$confdir" "$confdir/tasks.d"
-install -d -m 0700 "$confdir/keys"
+install -d -m 0755 "$Dconfdir" "$Dconfdir/tasks.d"
+install -d -m 0700 "$Dconfdir/keys"
 for role in source target; do
-    example="$confdir/$role.toml.example"
+    example="$Dconfdir/$role.toml.example"
     [ -e "$example" ] || install -m 0644 "$src/deploy/$role.toml.example" "$example"
 done
-echo "== $confdir ready (examples: $confdir/*.toml.example)"
+echo "== $Dconfdir ready (examples: $Dconfdir/*.toml.example)"
 
-# -- 6. systemd ---------------------------------------------------------------------------
-if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+# -- 6. shell completions -----------------------------------------------------------------
+bashdir=$Ddatadir/bash-completion/completions
+zshdir=$Ddatadir/zsh/site-functions
+install -d -m 0755 "$bashdir" "$zshdir"
+install -m 0644 "$src/deploy/completions/mirrorline.bash" "$bashdir/mirrorline"
+# bash-completion loads completions by command name: the agents share the file.
+for s in mirrorline-source mirrorline-target; do ln -sfn mirrorline "$bashdir/$s"; done
+install -m 0644 "$src/deploy/completions/_mirrorline" "$zshdir/_mirrorline"
+echo "== installed bash and zsh completions under $Ddatadir"
+
+# -- 7. systemd ---------------------------------------------------------------------------
+if [ -z "$destdir" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     systemctl daemon-reload
     echo "== systemctl daemon-reload done"
 fi
 
 cat <<EOF
 
-Next steps:
+Next steps${destdir:+ (once $destdir is copied to /)}:
   mirrorline keygen $confdir/keys/src1.key          # copy the same file to the other host
   cp $confdir/source.toml.example $confdir/source.toml   # on the source; edit it
   cp $confdir/target.toml.example $confdir/target.toml   # on the target; edit it, and the
                                                     # unit's ReadWritePaths= (replica roots)
+  mirrorline-source --config $confdir/source.toml --check-config   # 0 = valid
   systemctl enable --now mirrorline-source          # or mirrorline-target
 EOF

@@ -6,32 +6,65 @@ import tomllib
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 M = TypeVar("M", bound=BaseModel)
 
+# pydantic's wording → ours, for the problems an operator meets most (issue 7: the
+# message says the key and why, one line each).
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
 
 class ConfigError(Exception):
-    """The config file is missing, not TOML, or fails validation."""
+    """The config file is missing, not TOML, or fails validation.
+
+    ``problems`` holds one "FILE: KEY: why" line per problem; ``str()`` joins them.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    """``("connection", 0, "tls")`` → ``connection[0].tls``; the empty loc is the file."""
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else part)
+    return key or "(top level)"
+
+
+def _problem(err: ErrorDetails) -> str:
+    if err["type"] in _MESSAGES:
+        return _MESSAGES[err["type"]]
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error" and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def validation_problems(path: str, exc: ValidationError) -> list[str]:
+    """One "FILE: KEY: why" line per error of ``exc``, every error included."""
+    return [f"{path}: {_key(tuple(err['loc']))}: {_problem(err)}" for err in exc.errors()]
 
 
 def load_toml_model(path: str, model: type[M]) -> M:
     """Read ``path`` as TOML and validate it as ``model``.
 
     Raises:
-        ConfigError: "FILE: KEY: problem" for the first few problems found.
+        ConfigError: with one "FILE: KEY: problem" line per problem found.
     """
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors()[:5]:
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"{path}: {key}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from exc
+        raise ConfigError(validation_problems(path, exc)) from exc

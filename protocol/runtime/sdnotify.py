@@ -1,4 +1,11 @@
-"""sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
+"""sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
+
+What the agents send, in order (the units are ``Type=notify``, ``WatchdogSec=30``):
+``STATUS=starting ...`` before the agent runs; ``READY=1`` once every listener, control
+socket and mount is up; ``WATCHDOG=1`` every half watchdog period while it runs (only
+when systemd set ``WATCHDOG_USEC`` for this process); ``STOPPING=1`` on SIGTERM;
+``STATUS=...`` when it stopped, failed or the config was invalid.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +13,23 @@ import os
 import socket
 
 
-def notify(state: str) -> bool:
-    """Send ``state`` (e.g. "READY=1") to systemd; False when not under systemd."""
+def notify(state: str, status: str | None = None) -> bool:
+    """Send ``state`` (e.g. "READY=1") to systemd, with ``STATUS=status`` when given.
+
+    Returns False when not under systemd (no $NOTIFY_SOCKET) or the socket refused
+    the datagram; never raises and never blocks.
+    """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
+    message = state if status is None else f"{state}\nSTATUS={status}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.setblocking(False)
         try:
             sock.connect(address)
-            sock.sendall(state.encode())
+            sock.sendall(message.encode())
         except OSError:
             return False
     return True
@@ -29,6 +42,7 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 2_000_000
+        interval = int(usec) / 2_000_000
     except ValueError:
         return None
+    return interval if interval > 0 else None

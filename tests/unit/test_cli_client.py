@@ -13,6 +13,8 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -391,6 +393,61 @@ def test_usage_error_exits_2_without_contacting_the_daemon(
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "--help")
     assert code == 0 and "queuetask" in out and "Exit codes" in out
+
+
+def test_command_help_shows_its_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(capsys, "wait", "--help")
+    assert code == 0 and err == ""
+    assert out.startswith("usage: mirrorline wait queue") and "\nExit codes:\n" in out
+    assert "  4  timed out" in out
+    assert cli(capsys, "help", "wait")[1] == out
+    code, out, _ = cli(capsys, "--json", "status", "--help")
+    assert code == 0 and "Exit codes" in json.loads(out)["message"]
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("mirrorline")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "--version")
+    assert (code, out) == (0, f"mirrorline {_version()}\n")
+    code, out, _ = cli(capsys, "--json", "--version")
+    assert code == 0 and json.loads(out)["data"] == {"version": _version()}
+
+
+def test_start_up_imports_stay_lean() -> None:
+    # every scripted command pays the CLI's start-up (issue 5, W9): no pydantic, trio,
+    # structlog, msgpack, nor typing/dataclasses on the way to parsing a command;
+    # --version adds importlib.metadata (which imports typing), nothing of ours
+    code = (
+        "import sys\n"
+        "from cli.main import main\n"
+        "heavy = {'pydantic', 'trio', 'structlog', 'msgpack', 'typing', 'dataclasses'}\n"
+        "main(['help', 'status'])\n"
+        "main(['--json', 'status', '1', '--socket', '/nonexistent/ml.sock'])\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+        "main(['--version'])\n"
+        "print(sorted(heavy - {'typing'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=False, cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.splitlines()[-3:] == ["[]", "mirrorline " + _version(), "[]"], done
+
+
+def test_piped_output_has_no_terminal_escapes(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(lambda request: [progress("copying", percent=12.5),
+                                    progress("copying", percent=60.0),
+                                    result(message="mirror done", files=3)])
+    code, out, err = cli(capsys, "--socket", server.path, "mirror", "start", "1", "--wait")
+    assert code == 0
+    assert err.splitlines() == ["copying", "copying"]
+    assert out.splitlines() == ["mirror done"]
+    assert "\r" not in out + err and "\x1b" not in out + err
 
 
 # --- run <script> ---------------------------------------------------------------------

@@ -8,11 +8,14 @@ from typing import Any
 import pytest
 
 from cli.grammar import (
+    _PARSERS,
+    SYNOPSIS,
     Help,
     Keygen,
     Remote,
     RunScript,
     UsageError,
+    Version,
     check_host_port,
     parse_argv,
     parse_command,
@@ -306,7 +309,52 @@ def test_usage_text_lists_every_command() -> None:
     text = usage()
     for name in ("status", "connect", "disconnect", "replication start", "replication stop",
                  "wait queue", "failover", "mirror start", "verify", "orphans", "restore",
-                 "queuetask", "tasks", "taskprocessing", "keygen", "run", "help"):
+                 "queuetask", "tasks", "taskprocessing", "keygen", "run", "help", "version",
+                 "failback"):
         assert f"  {name}" in text
     assert "Exit codes" in text
     assert usage("WAIT").startswith("usage: mirrorline wait queue")
+
+
+@pytest.mark.parametrize("name", sorted(_PARSERS))
+def test_every_command_has_full_help_with_its_exit_codes(name: str) -> None:
+    assert name in SYNOPSIS
+    text = usage(name)
+    assert text.startswith(f"usage: mirrorline {name}")
+    assert "\nExit codes:\n" in text
+    codes = text.split("\nExit codes:\n", 1)[1].splitlines()
+    assert codes[0].split()[:2] == ["0", "ok"]
+    if name not in ("help", "version"):
+        assert any(line.split()[0] == "2" for line in codes)
+    description = text.split("\n\n")[1]
+    assert len(description) > 20
+    assert all(len(line) <= 100 for line in text.splitlines())
+
+
+@pytest.mark.parametrize("name", sorted(_PARSERS))
+def test_command_help_option_is_help_for_that_command(name: str) -> None:
+    assert parse_command([name, "--help"]) == Help(name)
+    assert parse_command([name.upper(), "-h"]) == Help(name)
+    assert parse_argv(["--json", name, "--HELP"]).command == Help(name)
+
+
+def test_help_option_among_other_words_and_after_double_dash() -> None:
+    assert parse_command(["mirror", "start", "1", "--help"]) == Help("mirror")
+    # after "--" it is a task argument, and "-h" among other words is one too
+    assert parse_command(["queuetask", "1", "t", "--", "--help"]) != Help("queuetask")
+    assert parse_command(["queuetask", "1", "t", "-h"]) != Help("queuetask")
+
+
+def test_remote_commands_that_wait_list_timed_out() -> None:
+    for name in ("wait", "mirror", "verify", "restore", "queuetask"):
+        assert "  4  timed out" in usage(name)
+    assert "the task's own exit code" in usage("queuetask")
+    assert "first failing command" in usage("run")
+
+
+def test_version() -> None:
+    assert parse_command(["--version"]) == Version()
+    assert parse_command(["VERSION"]) == Version()
+    assert parse_argv(["--json", "--version"]).json
+    with pytest.raises(UsageError, match="unexpected"):
+        parse_command(["version", "now"])

@@ -10,8 +10,10 @@ own config models.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -106,6 +108,13 @@ def test_unit_has_the_contract_service_settings(role: str) -> None:
     # Two agents on one host share /run/mirrorline: one stopping must not remove it.
     assert value(unit, "Service", "RuntimeDirectoryPreserve") == "yes"
     assert value(unit, "Service", "NoNewPrivileges") == "yes"
+    # Issue 7: the config is checked before the start, and a bad one (exit 78,
+    # EX_CONFIG) is not restarted in a loop.
+    check = f"/usr/local/bin/mirrorline-{role} --config /etc/mirrorline/{role}.toml --check-config"
+    assert value(unit, "Service", "ExecStartPre") == check
+    assert value(unit, "Service", "RestartPreventExitStatus") == "78"
+    assert value(unit, "Service", "ConfigurationDirectory") == "mirrorline"
+    assert value(unit, "Service", "NotifyAccess") == "main"
 
 
 # Settings that give a unit its own mount namespace: a FUSE mount made inside it would
@@ -163,19 +172,20 @@ def test_unit_paths_agree_with_the_example_config(role: str) -> None:
 
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert SYSTEMD_ANALYZE is not None
-    # verify insists that ExecStart's binary exists: point it at one that does.
-    stand_in = shutil.which("true") or "/bin/true"
+    # verify insists that ExecStart='s binary exists: point a copy of the unit at the
+    # console script of this venv when the agent is not installed in /usr/local/bin.
     files = []
     for role in ROLES:
         text = (DEPLOY / f"mirrorline-{role}.service").read_text()
         binary = f"/usr/local/bin/mirrorline-{role}"
         if not os.access(binary, os.X_OK):
-            text = text.replace(binary, stand_in)
+            text = text.replace(binary, str(VENV_BIN / f"mirrorline-{role}"))
         path = tmp_path / f"mirrorline-{role}.service"
         path.write_text(text)
         files.append(str(path))
@@ -257,3 +267,121 @@ def test_install_script_links_every_console_script() -> None:
     assert set(line.removeprefix("scripts=(").removesuffix(")").split()) == scripts
     for role in ROLES:
         assert f"mirrorline-{role}.service" in text or "mirrorline-$role.service" in text
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_target_unit_security_exposure_is_low(tmp_path: Path) -> None:
+    assert SYSTEMD_ANALYZE is not None
+    path = tmp_path / "mirrorline-target.service"
+    path.write_text((DEPLOY / "mirrorline-target.service").read_text())
+    result = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", str(path)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    if "--offline" in result.stderr and "unrecognized" in result.stderr:
+        pytest.skip("systemd-analyze security has no --offline (systemd < 250)")
+    (line,) = [ln for ln in result.stdout.splitlines() if "Overall exposure level" in ln]
+    exposure = float(line.split(":")[1].split()[0])
+    # The unit's comment records 2.4 (systemd 252); "OK" ends below 5.
+    assert exposure <= 3.0, line
+
+
+# -- install.sh in a scratch root ---------------------------------------------------------
+
+def cli_commands() -> set[str]:
+    from cli.grammar import SYNOPSIS
+
+    return set(SYNOPSIS)
+
+
+@pytest.mark.skipif(BASH is None, reason="bash is not installed")
+def test_install_script_lays_out_a_scratch_root(tmp_path: Path) -> None:
+    assert BASH is not None
+    root = tmp_path / "root"
+    env = {**os.environ, "DESTDIR": str(root), "MIRRORLINE_INSTALL_SKIP_VENV": "1"}
+    result = subprocess.run([BASH, str(DEPLOY / "install.sh")], env=env, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    assert (root / "opt/mirrorline").is_dir()
+    for script in ("mirrorline", "mirrorline-source", "mirrorline-target"):
+        link = root / "usr/local/bin" / script
+        assert link.is_symlink()
+        # The link names where the venv will be, not the scratch root.
+        assert os.readlink(link) == f"/opt/mirrorline/venv/bin/{script}"
+    for role in ROLES:
+        installed = root / "etc/systemd/system" / f"mirrorline-{role}.service"
+        assert installed.read_text() == (DEPLOY / f"mirrorline-{role}.service").read_text()
+        assert installed.stat().st_mode & 0o777 == 0o644
+        example = root / "etc/mirrorline" / f"{role}.toml.example"
+        assert example.read_text() == (DEPLOY / f"{role}.toml.example").read_text()
+        assert not (root / "etc/mirrorline" / f"{role}.toml").exists()
+    assert (root / "etc/mirrorline/keys").stat().st_mode & 0o777 == 0o700
+    assert (root / "etc/mirrorline/tasks.d").is_dir()
+    completions = root / "usr/local/share/bash-completion/completions"
+    assert (completions / "mirrorline").read_text() == \
+        (DEPLOY / "completions/mirrorline.bash").read_text()
+    for agent in ("mirrorline-source", "mirrorline-target"):
+        assert os.readlink(completions / agent) == "mirrorline"
+    assert (root / "usr/local/share/zsh/site-functions/_mirrorline").read_text() == \
+        (DEPLOY / "completions/_mirrorline").read_text()
+    # Nothing outside the scratch root: every path the script printed is inside it.
+    for line in result.stdout.splitlines():
+        if line.startswith("== ") and (" into " in line or " under " in line):
+            assert str(root) in line, line
+    assert "Next steps" in result.stdout
+    assert "--check-config" in result.stdout
+    assert "systemctl enable --now mirrorline-source" in result.stdout
+
+    # Run again: nothing changes and existing configs are kept.
+    (root / "etc/mirrorline/target.toml.example").write_text("# edited\n")
+    again = subprocess.run([BASH, str(DEPLOY / "install.sh")], env=env, capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert again.returncode == 0, again.stderr
+    assert (root / "etc/mirrorline/target.toml.example").read_text() == "# edited\n"
+
+
+@pytest.mark.skipif(BASH is None, reason="bash is not installed")
+def test_install_script_honours_the_directory_flags(tmp_path: Path) -> None:
+    assert BASH is not None
+    root = tmp_path / "root"
+    env = {**os.environ, "MIRRORLINE_INSTALL_SKIP_VENV": "1"}
+    env.pop("DESTDIR", None)
+    result = subprocess.run(
+        [BASH, str(DEPLOY / "install.sh"), f"--destdir={root}", "--bindir", "/usr/bin",
+         "--confdir", "/etc/ml", "--datadir", "/usr/share"],
+        env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    unit = (root / "etc/systemd/system/mirrorline-target.service").read_text()
+    assert "ExecStart=/usr/bin/mirrorline-target --config /etc/ml/target.toml\n" in unit
+    assert "ExecStartPre=/usr/bin/mirrorline-target --config /etc/ml/target.toml " \
+        "--check-config\n" in unit
+    assert (root / "usr/bin/mirrorline").is_symlink()
+    assert (root / "etc/ml/keys").is_dir()
+    assert (root / "usr/share/zsh/site-functions/_mirrorline").is_file()
+
+
+@pytest.mark.parametrize("name", ["mirrorline.bash", "_mirrorline"])
+def test_completions_cover_every_cli_command(name: str) -> None:
+    text = (DEPLOY / "completions" / name).read_text()
+    for command in cli_commands():
+        assert re.search(rf"(?<![\w-]){command}(?![\w-])", text), f"{command} missing in {name}"
+    for option in ("--socket", "--json", "--check-config", "--config", "--log-level"):
+        assert option in text, option
+
+
+@pytest.mark.skipif(BASH is None, reason="bash is not installed")
+def test_bash_completion_completes_commands_and_keywords() -> None:
+    assert BASH is not None
+    script = f"""
+source {DEPLOY / "completions/mirrorline.bash"}
+t() {{ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMPREPLY=(); _mirrorline
+      echo "${{COMPREPLY[*]}}"; }}
+t mirrorline mi
+t mirrorline --json mirror ''
+t mirrorline --socket /run/x.sock taskprocessing e
+t mirrorline help re
+COMP_WORDS=(mirrorline-target --ch); COMP_CWORD=1; _mirrorline_agent; echo "${{COMPREPLY[*]}}"
+"""
+    out = subprocess.run([BASH, "--norc", "-c", script], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.splitlines()
+    assert out == ["mirror", "start stop pause resume", "enable", "replication restore",
+                   "--check-config"], out
