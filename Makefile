@@ -38,7 +38,7 @@ venv: $(STAMP)
 # Re-installs when pyproject.toml changes; `deps` is order-only so it never forces that.
 $(STAMP): pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[fuse,dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[fuse,zstd,dev]'
 	touch $@
 
 test: venv

@@ -105,8 +105,8 @@ PY
         "$python" -m venv "$Dvenv" \
             || die "could not create $Dvenv (on Debian: apt-get install python3-venv)"
     fi
-    echo "== installing mirrorline[fuse] from $src into $Dvenv"
-    "$Dvenv/bin/python" -m pip install -q --disable-pip-version-check "${src}[fuse]"
+    echo "== installing mirrorline[fuse,zstd] from $src into $Dvenv"
+    "$Dvenv/bin/python" -m pip install -q --disable-pip-version-check "${src}[fuse,zstd]"
     # Same version number, newer code: make sure the tree's code is what gets installed.
     "$Dvenv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall \
         --no-deps "$src"

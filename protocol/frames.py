@@ -12,6 +12,12 @@ big-endian. The body length is checked against the negotiated maximum
 *before* any of the body is buffered, so a peer cannot make us allocate more than
 ``max_frame`` bytes. Anything wrong (magic, version, type, length, checksum, msgpack,
 model) raises :class:`ProtocolError`; decoding never raises anything else.
+
+Compression (negotiated at the handshake, see session.py): FLAG_COMPRESSED marks a
+body that is one zstd frame; length and checksum are those of the compressed bytes
+on the wire. It is decompressed through a bounded read of at most ``max_frame`` + 1
+bytes, so a small "zstd bomb" cannot make us allocate more than an uncompressed
+frame could. A sender compresses only when the result is smaller.
 """
 
 from __future__ import annotations
@@ -26,12 +32,20 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from protocol.errors import ProtocolError
 from protocol.ops import Op, op_from_wire
 
+try:
+    import zstandard
+except ImportError:   # the optional "zstd" extra is not installed: never offered
+    zstandard = None  # type: ignore[assignment]
+
 MAGIC: Final = b"ML"
 VERSION: Final = 1
 HEADER: Final = struct.Struct(">2sBBBxII")
 DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
 FLAG_COMPRESSED: Final = 0x01
 _KNOWN_FLAGS: Final = FLAG_COMPRESSED
+#: The one compression there is ("zstd" in HELLO capabilities and WELCOME.compression).
+ZSTD: Final = "zstd"
+ZSTD_LEVEL: Final = 3
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
@@ -98,6 +112,8 @@ class Welcome(Frame):
     restore: bool = False
     #: Restore: bytes of file data in the replica, for the source's progress.
     restore_bytes: int = 0
+    #: "zstd" when the target accepted HELLO's "zstd" capability; "" for none.
+    compression: str = ""
 
 
 class Ops(Frame):
@@ -218,6 +234,38 @@ def encode_ops_frame(first_seq: int, encoded_ops: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def zstd_available() -> bool:
+    """Whether this installation can compress frames (the zstandard package)."""
+    return zstandard is not None
+
+
+def compress_frame(frame: bytes) -> bytes:
+    """``frame`` (encoded, header included) with its body zstd-compressed and
+    FLAG_COMPRESSED set, or ``frame`` unchanged when that is not smaller."""
+    assert zstandard is not None, "compression negotiated without zstandard"
+    with memoryview(frame) as view:
+        packed: bytes = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(view[HEADER.size:])
+    if len(packed) + HEADER.size >= len(frame):
+        return frame   # incompressible (already compressed, random): send as it is
+    magic, version, ftype, flags, _, _ = HEADER.unpack_from(frame)
+    return HEADER.pack(magic, version, ftype, flags | FLAG_COMPRESSED, len(packed),
+                       checksum(packed)) + packed
+
+
+def _decompress(body: bytes, limit: int) -> bytes:
+    if zstandard is None:
+        raise ProtocolError("compressed frame, but zstandard is not installed")
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body) as reader:
+            out: bytes = reader.read(limit + 1)   # bounded whatever the header claims
+    except Exception as exc:  # zstandard raises ZstdError, and others for odd input
+        raise ProtocolError(f"compressed frame does not decompress: {exc}") from exc
+    if len(out) > limit:
+        raise ProtocolError(f"compressed frame decompresses beyond the limit of {limit} "
+                            "bytes", code="too_large")
+    return out
+
+
 def _decode_body(ftype: int, body: bytes) -> Frame:
     cls = FRAME_TYPES.get(ftype)
     if cls is None:
@@ -259,6 +307,8 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
+        #: Set by the session once compression is negotiated (``ZSTD``); None: refused.
+        self.compression: str | None = None
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
@@ -278,7 +328,7 @@ class FrameDecoder:
                 raise ProtocolError(f"unsupported frame version {version}")
             if flags & ~_KNOWN_FLAGS:
                 raise ProtocolError(f"unknown frame flags {flags:#x}")
-            if flags & FLAG_COMPRESSED:
+            if flags & FLAG_COMPRESSED and self.compression is None:
                 raise ProtocolError("compressed frames were not negotiated")
             if ftype not in FRAME_TYPES:   # before buffering a body for it
                 raise ProtocolError(f"unknown frame type {ftype}")
@@ -293,6 +343,8 @@ class FrameDecoder:
             del self._buf[:end]
             if checksum(body) != crc:
                 raise ProtocolError("frame checksum mismatch", code="checksum")
+            if flags & FLAG_COMPRESSED:
+                body = _decompress(body, self.max_frame)
             frames.append(_decode_body(ftype, body))
         return frames
 

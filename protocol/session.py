@@ -37,6 +37,12 @@ Ordering invariants, checked on every frame:
 
 ERROR from the peer ends the session (surfaced as an event); any ProtocolError we
 raise means the caller should send ERROR (see :meth:`Session.error_frame`) and close.
+
+Compression: a source that wants it lists "zstd" in HELLO's capabilities; a target
+that can (zstandard installed) answers WELCOME.compression = "zstd", and from then on
+both decoders accept compressed frames and whichever end sends OPS compresses them
+(only when smaller). A WELCOME naming a compression the HELLO did not offer is a
+ProtocolError.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from protocol.errors import AuthenticationError, LocalProtocolError, ProtocolErr
 from protocol.frames import (
     DEFAULT_MAX_FRAME,
     VERSION,
+    ZSTD,
     Ack,
     Auth,
     Bye,
@@ -66,8 +73,10 @@ from protocol.frames import (
     Pong,
     TaskResult,
     Welcome,
+    compress_frame,
     encode_frame,
     encode_ops_frame,
+    zstd_available,
 )
 from protocol.ops import check_relative_path
 
@@ -135,6 +144,8 @@ class Session:
         self.acked_durable = 0
         #: A restore session: the target sends OPS, the source ACKs (see Welcome.restore).
         self.reverse = False
+        #: Negotiated compression of OPS frames (ZSTD) or None.
+        self.compression: str | None = None
 
     # -- handshake -----------------------------------------------------------------
 
@@ -173,6 +184,11 @@ class Session:
     def accept(self, welcome: Welcome) -> bytes:
         """Target: after AUTH was verified, send WELCOME and start streaming."""
         self._require(Role.TARGET, State.AUTHENTICATED)
+        assert self.hello is not None
+        if ZSTD in self.hello.capabilities and zstd_available() and not welcome.compression:
+            welcome = welcome.model_copy(update={"compression": ZSTD})
+        if welcome.compression:
+            self.compression = self._decoder.compression = welcome.compression
         self.welcome = welcome
         self.reverse = welcome.restore
         self.next_seq = welcome.resume_from
@@ -199,6 +215,8 @@ class Session:
                 raise LocalProtocolError(
                     f"OPS starts at {frame.first_seq}, expected {self.next_seq}")
             self.next_seq = frame.last_seq + 1
+            if self.compression:
+                return compress_frame(encode_frame(frame))
         elif isinstance(frame, Bye):
             self.state = State.CLOSED
         return encode_frame(frame)
@@ -210,7 +228,8 @@ class Session:
         if first_seq != self.next_seq or not encoded_ops:
             raise LocalProtocolError(f"OPS starts at {first_seq}, expected {self.next_seq}")
         self.next_seq = first_seq + len(encoded_ops)
-        return encode_ops_frame(first_seq, encoded_ops)
+        encoded = encode_ops_frame(first_seq, encoded_ops)
+        return compress_frame(encoded) if self.compression else encoded
 
     def error_frame(self, exc: ProtocolError) -> bytes:
         """The ERROR frame to send after ``exc``; the session is closed afterwards."""
@@ -304,6 +323,13 @@ class Session:
                 raise ProtocolError(f"expected WELCOME, got {type(frame).__name__}")
             if frame.resume_from < 1:
                 raise ProtocolError("WELCOME resume_from must be >= 1")
+            assert self.hello is not None
+            if frame.compression and (frame.compression != ZSTD
+                                      or ZSTD not in self.hello.capabilities):
+                raise ProtocolError(f"WELCOME compression {frame.compression!r} was not "
+                                    "offered")
+            if frame.compression:
+                self.compression = self._decoder.compression = frame.compression
             self.welcome = frame
             self._decoder.max_frame = min(self._max_frame, frame.max_frame)
             self.reverse = frame.restore

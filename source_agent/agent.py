@@ -16,10 +16,12 @@ from protocol.control import Exit, Request, Result, failed, ok
 from protocol.frames import CheckResult
 from protocol.keys import KeyFileError, read_key
 from protocol.runtime.control import Emit, serve_control
+from protocol.runtime.metrics import serve_metrics
 from protocol.runtime.sdnotify import notify, watchdog_interval
 from protocol.runtime.taskrun import TaskStore
 from source_agent.config import SourceConfig, parse_host_port
 from source_agent.journal import Journal
+from source_agent.metrics import collect_source
 from source_agent.mirror import MirrorJob
 from source_agent.registry import Connection, Registry
 from source_agent.restore import RestoreJob
@@ -223,6 +225,9 @@ class SourceAgent:
             await nursery.start(lambda task_status: serve_control(
                 cfg.control_socket, self.handle, allowed_uids=set(cfg.control_uids),
                 allowed_gids=set(cfg.control_gids), task_status=task_status))
+            if cfg.metrics:
+                await nursery.start(serve_metrics, cfg.metrics,
+                                    lambda scrape: collect_source(self, scrape))
             for volume in self.volumes.values():
                 nursery.start_soon(volume.journal.run_flusher, cfg.queue.sync_interval)
                 backing_fd = os.open(volume.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -352,6 +357,7 @@ class SourceAgent:
             "sent_seq": c.sent_seq, "captured_seq": journal.last_seq,
             "queue_ops": max(journal.last_seq - c.acked_seq, 0), "queue_bytes": queue_bytes,
             "lag_seconds": volume.lag_seconds(c.acked_seq), "bytes_sent": c.bytes_sent,
+            **c.bandwidth_status(),
             "last_error": c.last_error,
             "target_task_processing": c.target_task_processing,
             "last_task": last.public() if (last := self.task_store.last(c.id)) else None,

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.config_util import load_toml_model
+from protocol.frames import zstd_available
+from source_agent.bandwidth import BandwidthWindowConfig, parse_size
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
@@ -51,6 +53,27 @@ class ConnectionConfig(BaseModel):
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_server_name: str | None = None
+    #: Bytes per second of OPS frames ("2MiB", "500k", "10M"); None: no limit. The
+    #: first bandwidth_schedule window matching local time overrides it.
+    bandwidth: str | None = None
+    bandwidth_schedule: list[BandwidthWindowConfig] = []
+    #: "zstd": offer compressed OPS frames at the handshake (used when the target
+    #: accepts; a frame is sent compressed only when that makes it smaller).
+    compression: Literal["none", "zstd"] = "none"
+
+    @field_validator("compression")
+    @classmethod
+    def _zstd_installed(cls, value: str) -> str:
+        if value == "zstd" and not zstd_available():
+            raise ValueError('"zstd" needs the zstandard package (the mirrorline[zstd] extra)')
+        return value
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _bandwidth(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
 
     @model_validator(mode="after")
     def _tls_files(self) -> ConnectionConfig:
@@ -90,8 +113,17 @@ class SourceConfig(BaseModel):
     queue: QueueConfig = QueueConfig()
     #: Mirror run automatically when a connection that needs one comes up.
     mirror_on_connect: Literal["different", "checksum", "full", "none"] = "checksum"
+    #: "host:port" to serve Prometheus metrics at GET /metrics (plain HTTP); off if unset.
+    metrics: str | None = None
     volume: list[VolumeConfig] = Field(min_length=1)
     connection: list[ConnectionConfig] = []
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
 
     @model_validator(mode="after")
     def _references(self) -> SourceConfig:

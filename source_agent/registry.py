@@ -8,6 +8,7 @@ conids are stable across restarts and never reused (``next_id`` only grows).
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import structlog
 import trio
 
 from protocol.runtime.statefile import load_json, save_json
+from source_agent.bandwidth import Window, limit_at, parse_size
 from source_agent.config import ConnectionConfig, SourceConfig
 
 log = structlog.get_logger("registry")
@@ -53,6 +55,12 @@ class Connection:
     tls_cert: str | None = field(default=None, metadata={"runtime": True})
     tls_key: str | None = field(default=None, metadata={"runtime": True})
     tls_server_name: str | None = field(default=None, metadata={"runtime": True})
+    # From the config file only (not persisted): bytes/s of OPS frames (None: no limit),
+    # overridden by the first schedule window matching local time.
+    bandwidth: int | None = field(default=None, metadata={"runtime": True})
+    bandwidth_schedule: list[Window] = field(default_factory=list, metadata={"runtime": True})
+    #: "zstd": offered at the handshake; compression_active: what the target accepted.
+    compression: str = field(default="none", metadata={"runtime": True})
 
     # Runtime only (not persisted).
     state: str = field(default="starting", metadata={"runtime": True})
@@ -60,6 +68,9 @@ class Connection:
     sent_seq: int = field(default=0, metadata={"runtime": True})
     target_node: str = field(default="", metadata={"runtime": True})
     bytes_sent: int = field(default=0, metadata={"runtime": True})
+    #: OPS frame bytes on the wire (after compression); bytes_sent counts op bytes.
+    wire_bytes_sent: int = field(default=0, metadata={"runtime": True})
+    compression_active: str = field(default="", metadata={"runtime": True})
     connected_since: float | None = field(default=None, metadata={"runtime": True})
     #: What the target said about tasks at the last handshake/keepalive (None: unknown).
     target_task_processing: bool | None = field(default=None, metadata={"runtime": True})
@@ -80,6 +91,18 @@ class Connection:
         """Wake whoever waits for a change of flags (the sender)."""
         self.changed.set()
         self.changed = trio.Event()
+
+    def bandwidth_limit(self, when: dt.datetime | None = None) -> int | None:
+        """Bytes/s of OPS frames in effect at local time ``when`` (now); None: no limit."""
+        return limit_at(when or dt.datetime.now(), self.bandwidth_schedule, self.bandwidth)[0]
+
+    def bandwidth_status(self) -> dict[str, Any]:
+        """For status: the limit in effect now and where it comes from; compression."""
+        limit, window = limit_at(dt.datetime.now(), self.bandwidth_schedule, self.bandwidth)
+        return {"bandwidth_limit": limit, "bandwidth_configured": self.bandwidth,
+                "bandwidth_window": window, "compression": self.compression,
+                "compression_active": self.compression_active,
+                "wire_bytes_sent": self.wire_bytes_sent}
 
     def mark_mirror_required(self, reason: str) -> None:
         self.mirror_required = True
@@ -124,6 +147,9 @@ class Registry:
             conn = self.connections[cc.id]
             conn.tls, conn.tls_ca, conn.tls_cert = cc.tls, cc.tls_ca, cc.tls_cert
             conn.tls_key, conn.tls_server_name = cc.tls_key, cc.tls_server_name
+            conn.bandwidth = None if cc.bandwidth is None else parse_size(cc.bandwidth)
+            conn.bandwidth_schedule = [w.window() for w in cc.bandwidth_schedule]
+            conn.compression = cc.compression
         for conid in [c.id for c in self.connections.values()
                       if c.from_config and c.id not in configured]:
             del self.connections[conid]  # removed from the config file

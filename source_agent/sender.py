@@ -19,6 +19,9 @@ TLS) is shown in status too and retried with backoff 1 s → 30 s.
 TLS (``tls = true`` on the connection) sits under the key handshake: the client
 context is loaded once per sender (again only after a failed load), so a bad file
 is reported in status without taking the agent down.
+
+A bandwidth limit (``bandwidth`` / ``bandwidth_schedule``) paces the writer's OPS
+frames through a token bucket (source_agent/bandwidth.py); PING and PONG bypass it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import structlog
 import trio
 
 from protocol.errors import AuthenticationError, ProtocolError
-from protocol.frames import Ack, Bye, CheckResult, Error, Ping, Pong, TaskResult, Welcome
+from protocol.frames import ZSTD, Ack, Bye, CheckResult, Error, Ping, Pong, TaskResult, Welcome
 from protocol.keys import KeyFileError, read_key
 from protocol.runtime.groups import single_error
 from protocol.runtime.stream import FrameStream, LinkError
@@ -45,6 +48,7 @@ from protocol.runtime.tls import (
     handshake_error,
 )
 from protocol.session import Role, Session
+from source_agent.bandwidth import Throttle
 from source_agent.config import parse_host_port
 from source_agent.journal import JournalGapError
 from source_agent.registry import Connection
@@ -109,6 +113,10 @@ class Sender:
         self.on_check_result = on_check_result
         self.on_connected = on_connected
         self._tls_context: ssl.SSLContext | None = None
+        #: Sessions ended, by kind ("disconnected": temporary, "error": permanent).
+        self.failures: dict[str, int] = {"disconnected": 0, "error": 0}
+        #: Wall time of the last ack that advanced acked_seq (None: none yet).
+        self.last_ack_time: float | None = None
 
     def restart_session(self) -> None:
         """Drop the current session (e.g. after replication stop); the loop decides next."""
@@ -179,6 +187,7 @@ class Sender:
                         reason=message)
         self.conn.state = state
         self.conn.last_error = message
+        self.failures[state] = self.failures.get(state, 0) + 1
 
     async def _session(self) -> None:
         conn = self.conn
@@ -191,7 +200,8 @@ class Sender:
         fs, welcome = await open_session(
             conn, self.node, tls_context=self._tls_context,
             first_seq=max(journal.first_seq, conn.base_seq + 1),
-            clear_restore_required=conn.clear_restore_pending)
+            clear_restore_required=conn.clear_restore_pending,
+            capabilities=[ZSTD] if conn.compression == ZSTD else [])
         try:
             await self._welcomed(welcome, fs)
         finally:
@@ -201,6 +211,7 @@ class Sender:
         conn = self.conn
         journal = self.volume.journal
         conn.target_node = welcome.node
+        conn.compression_active = welcome.compression
         conn.target_task_processing = welcome.task_processing
         conn.target_tasks = list(welcome.tasks)
         if conn.clear_restore_pending:
@@ -251,6 +262,7 @@ class Sender:
         inflight: deque[tuple[int, int]] = deque()   # (last seq of a batch, its bytes)
         room = trio.lowlevel.ParkingLot()
         state = {"inflight_bytes": 0, "last_rx": time.monotonic()}
+        throttle = Throttle(conn.bandwidth_limit)
 
         async def writer() -> None:
             seq = resume
@@ -266,14 +278,17 @@ class Sender:
                     # first op after a quiet spell goes out at once.
                     await trio.sleep(LINGER_SECONDS)
                 try:
-                    batch = await journal.read(seq, self.batch_bytes, conn.id)
+                    batch = await journal.read(seq, throttle.batch_bytes(self.batch_bytes),
+                                               conn.id)
                 except JournalGapError as exc:
                     conn.mark_mirror_required(str(exc))
                     self.on_change(True)
                     # Reconnect at once: the target's WELCOME starts the mirror it needs.
                     raise LinkError(f"journal gap: {exc}") from exc
                 size = sum(len(b) for b in batch)
-                await fs.send_bytes(fs.session.send_encoded_ops(seq, batch))
+                ops_frame = fs.session.send_encoded_ops(seq, batch)
+                await throttle.charge(len(ops_frame))   # OPS only: PING/PONG never wait
+                await fs.send_bytes(ops_frame)
                 if self.tasks is not None:
                     for i, encoded in enumerate(batch):
                         if is_encoded_task(encoded):
@@ -283,6 +298,7 @@ class Sender:
                 seq += len(batch)
                 conn.sent_seq = seq - 1
                 conn.bytes_sent += size
+                conn.wire_bytes_sent += len(ops_frame)
                 inflight.append((seq - 1, size))
                 state["inflight_bytes"] += size
 
@@ -299,6 +315,7 @@ class Sender:
                     room.unpark_all()
                     if frame.durable > conn.acked_seq:
                         conn.acked_seq = frame.durable
+                        self.last_ack_time = time.time()
                         conn.acked.unpark_all()
                         self.on_change(False)
                 elif isinstance(frame, Error):

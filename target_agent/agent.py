@@ -44,6 +44,7 @@ from protocol.keys import KeyFileError, key_file_warning, read_key
 from protocol.ops import Op, TaskOp, check_relative_path
 from protocol.runtime.control import Emit, serve_control
 from protocol.runtime.groups import single_error
+from protocol.runtime.metrics import serve_metrics
 from protocol.runtime.ratelimit import LoginLimiter
 from protocol.runtime.sdnotify import notify, watchdog_interval
 from protocol.runtime.statefile import load_json, save_json
@@ -68,6 +69,7 @@ from protocol.runtime.tls import (
 from protocol.session import Role, Session
 from target_agent.applier import ApplyError
 from target_agent.config import SourceEntry, TargetConfig
+from target_agent.metrics import collect_target
 from target_agent.replica import Replica
 from target_agent.restore import replica_bytes, stream_replica
 
@@ -153,6 +155,9 @@ class TargetAgent:
             await nursery.start(lambda task_status: serve_control(
                 cfg.control_socket, self.handle, allowed_uids=set(cfg.control_uids),
                 allowed_gids=set(cfg.control_gids), task_status=task_status))
+            if cfg.metrics:
+                await nursery.start(serve_metrics, cfg.metrics,
+                                    lambda scrape: collect_target(self, scrape))
             listeners = await trio.open_tcp_listeners(int(port), host=host.strip("[]"))
             nursery.start_soon(trio.serve_listeners, self._serve_client, listeners)
             interval = watchdog_interval()

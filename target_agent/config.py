@@ -37,6 +37,8 @@ class TargetConfig(BaseModel):
     checkpoint_interval: float = Field(default=0.25, gt=0)
     #: ... or after this many bytes of ops were applied since the last one.
     checkpoint_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    #: "host:port" to serve Prometheus metrics at GET /metrics (plain HTTP); off if unset.
+    metrics: str | None = None
     source: list[SourceEntry] = []
     #: TLS on the listener: this side presents tls_cert/tls_key and requires every
     #: source to present a certificate signed by tls_ca (verified peers), then the key
@@ -52,6 +54,15 @@ class TargetConfig(BaseModel):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{value!r} is not host:port")
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not host:port")
         return value
 
     @model_validator(mode="after")

@@ -237,7 +237,7 @@ FRAME_FIELDS: dict[type[Frame], dict[str, st.SearchStrategy[Any]]] = {
     Welcome: {"node": texts, "resume_from": wire_ints, "restore_required": st.booleans(),
               "mirror_required": st.booleans(), "task_processing": st.booleans(),
               "max_frame": wire_ints, "message": texts, "tasks": st.lists(texts, max_size=4),
-              "restore": st.booleans(), "restore_bytes": wire_ints},
+              "restore": st.booleans(), "restore_bytes": wire_ints, "compression": texts},
     # Up to 20 ops, so the array header of OPS takes both its fix and its 16-bit form.
     Ops: {"first_seq": st.integers(1, 1 << 62),
           "ops": st.lists(any_op, min_size=1, max_size=20)},

@@ -1,0 +1,92 @@
+"""What the source agent exports at /metrics, read from its state at scrape time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from protocol.runtime.metrics import Scrape
+
+if TYPE_CHECKING:
+    from source_agent.agent import SourceAgent
+
+#: Every state a connection's sender sets (see sender.py); exported one-hot so a
+#: dashboard can sum by state. An unknown state is still exported, as its own series.
+CONNECTION_STATES = ("starting", "connecting", "replicating", "disconnected", "error",
+                     "stopped", "restore-required")
+#: Final task states (protocol/runtime/taskrun.py).
+TASK_RESULTS = ("done", "failed", "timed-out", "interrupted", "refused")
+
+
+def collect_source(agent: SourceAgent, scrape: Scrape) -> None:
+    """Fill ``scrape`` from ``agent``'s volumes, connections, senders and jobs."""
+    node = agent.config.node
+    for v in agent.volumes.values():
+        journal = v.journal
+        scrape.gauge("journal_memory_bytes", "Journal bytes held in memory (queue).",
+                     journal.memory_bytes, node=node, volume=v.name)
+        scrape.gauge("journal_disk_bytes", "Journal bytes on disk (queue).",
+                     journal.disk_bytes, node=node, volume=v.name)
+        scrape.gauge("journal_disk_limit_bytes", "Configured journal disk bound.",
+                     v.disk_limit, node=node, volume=v.name)
+        scrape.gauge("captured_seq", "Last op captured into the journal.",
+                     journal.last_seq, node=node, volume=v.name)
+        scrape.gauge("durable_seq", "Last op fsynced in the journal.",
+                     journal.durable_seq, node=node, volume=v.name)
+        scrape.counter("journal_failures", "Journal appends that failed.",
+                       v.journal_failures, node=node, volume=v.name)
+    for c in agent.registry.connections.values():
+        volume = agent.volumes[c.volume]
+        journal = volume.journal
+        labels = {"conid": c.id, "volume": c.volume, "node": node}
+        ops_behind = max(journal.last_seq - c.acked_seq, 0)
+        lag_bytes = 0
+        if ops_behind:
+            # Estimated from the journal's bytes, as `status` does (queue_bytes).
+            held = max(journal.last_seq - journal.first_seq + 1, 1)
+            lag_bytes = int(journal.disk_bytes * min(ops_behind / held, 1.0))
+        scrape.gauge("lag_ops", "Ops captured but not yet durable on the target.",
+                     ops_behind, **labels)
+        scrape.gauge("lag_bytes", "Journal bytes not yet durable on the target (estimate).",
+                     lag_bytes, **labels)
+        scrape.gauge("lag_seconds", "Age of the oldest op not yet durable on the target.",
+                     volume.lag_seconds(c.acked_seq), **labels)
+        scrape.gauge("sent_seq", "Last op sent to the target.", c.sent_seq, **labels)
+        scrape.gauge("acked_seq", "Last op the target acknowledged as durable.",
+                     c.acked_seq, **labels)
+        scrape.counter("sent_bytes", "Bytes of ops sent to the target.", c.bytes_sent,
+                       **labels)
+        scrape.gauge("replicating", "1 when replication is started for the connection.",
+                     int(c.replicating), **labels)
+        scrape.gauge("mirror_required", "1 when the connection needs a mirror.",
+                     int(c.mirror_required), **labels)
+        for state in (*CONNECTION_STATES,
+                      *(() if c.state in CONNECTION_STATES else (c.state,))):
+            scrape.gauge("connection_state", "1 for the connection's current state.",
+                         int(c.state == state), state=state, **labels)
+        entry = agent.senders.get(c.id)
+        if entry is not None:
+            sender = entry[0]
+            for reason, count in sender.failures.items():
+                scrape.counter("reconnects", "Failed sessions and connection attempts, by "
+                               "reason.", count, reason=reason, **labels)
+            if sender.last_ack_time is not None:
+                scrape.gauge("last_ack_timestamp_seconds",
+                             "Wall time of the last ack that advanced acked_seq.",
+                             sender.last_ack_time, **labels)
+        job = agent.jobs.get(c.id)
+        if job is not None:
+            scrape.gauge("mirror_files_done", "Files the current/last mirror job handled.",
+                         job.files_done, **labels)
+            scrape.gauge("mirror_files_total", "Files the current/last mirror job found.",
+                         job.files_total, **labels)
+            scrape.gauge("mirror_bytes_done", "Bytes the current/last mirror job handled.",
+                         job.bytes_done, **labels)
+            scrape.gauge("mirror_bytes_total", "Bytes the current/last mirror job found.",
+                         job.bytes_total, **labels)
+    counts = dict.fromkeys(TASK_RESULTS, 0)
+    for record in list(agent.task_store.records.values()):
+        if record.state in counts:
+            counts[record.state] += 1
+    for result, count in counts.items():
+        scrape.gauge("task_results", "Finished tasks kept in the task store, by result.",
+                     count, result=result, node=node)
