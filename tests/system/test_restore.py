@@ -114,8 +114,10 @@ def test_killed_restore_keeps_the_flag_and_completes_later(
     for i in range(120):   # enough data that the kill lands mid-restore
         (replica / f"bulk{i}").write_bytes(os.urandom(1 << 20))
     source.cli("restore", "1")
+    # Under load the restore can take a while to start (the target sizes the replica
+    # first); the kill must land after its first file.
     wait_until(lambda: (volume / "bulk0").exists() or (volume / "new-on-target").exists(),
-               30, interval=0.01, what="the restore to begin")
+               120, interval=0.01, what="the restore to begin")
     agent = source if victim == "source" else target
     agent.kill()
     agent.start()
