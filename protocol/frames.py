@@ -311,8 +311,8 @@ class FrameDecoder:
         self.compression: str | None = None
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add received bytes; return every frame now complete, in order.
+    def feed(self, data: bytes, limit: int | None = None) -> list[Frame]:
+        """Add received bytes; return every frame now complete (at most ``limit``), in order.
 
         Raises:
             ProtocolError: the stream is not a valid frame sequence. The decoder is
@@ -320,7 +320,7 @@ class FrameDecoder:
         """
         self._buf += data
         frames: list[Frame] = []
-        while len(self._buf) >= HEADER.size:
+        while len(self._buf) >= HEADER.size and (limit is None or len(frames) < limit):
             magic, version, ftype, flags, length, crc = HEADER.unpack_from(self._buf)
             if magic != MAGIC:
                 raise ProtocolError(f"bad frame magic {bytes(magic)!r}")

@@ -249,11 +249,23 @@ class Session:
             return []
         accepted: list[Frame] = []
         try:
-            for frame in self._decoder.feed(data):
-                if self._closed():
-                    break   # nothing after BYE/ERROR counts, however the bytes were chunked
-                self._on_frame(frame)
-                accepted.append(frame)
+            pending = data
+            while True:
+                # Until streaming, one frame at a time: WELCOME raises the decoder's
+                # frame limit (and may turn on compression) for the frames after it,
+                # which can arrive in the same read (a restore's first OPS does).
+                handshake = self.state is not State.STREAMING
+                frames = self._decoder.feed(pending, limit=1 if handshake else None)
+                pending = b""
+                if not frames:
+                    break
+                for frame in frames:
+                    if self._closed():
+                        return accepted   # nothing after BYE/ERROR counts
+                    self._on_frame(frame)
+                    accepted.append(frame)
+                if not handshake:
+                    break
         except ProtocolError:
             self.state = State.CLOSED
             raise
