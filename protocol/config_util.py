@@ -29,6 +29,26 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:7100"); raise ValueError naming the problem."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def require_tls_files(model: BaseModel) -> None:
+    """With ``tls = true``, the model's tls_ca, tls_cert and tls_key must all be set.
+
+    Raises:
+        ValueError: naming the missing keys.
+    """
+    if getattr(model, "tls", False):
+        missing = [k for k in ("tls_ca", "tls_cert", "tls_key") if not getattr(model, k)]
+        if missing:
+            raise ValueError(f"tls = true needs {', '.join(missing)}")
+
+
 def _key(loc: tuple[int | str, ...]) -> str:
     """``("connection", 0, "tls")`` → ``connection[0].tls``; the empty loc is the file."""
     key = ""

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 import trio
 
+from protocol.config_util import parse_host_port
 from protocol.control import Exit, Request, Result, failed, ok
 from protocol.frames import CheckResult
 from protocol.keys import KeyFileError, read_key
@@ -19,7 +20,7 @@ from protocol.runtime.control import Emit, serve_control
 from protocol.runtime.metrics import serve_metrics
 from protocol.runtime.sdnotify import notify, watchdog_interval
 from protocol.runtime.taskrun import TaskStore
-from source_agent.config import SourceConfig, parse_host_port
+from source_agent.config import SourceConfig
 from source_agent.journal import Journal
 from source_agent.metrics import collect_source
 from source_agent.mirror import MirrorJob

@@ -6,17 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from protocol.config_util import load_toml_model
+from protocol.config_util import load_toml_model, parse_host_port, require_tls_files
 from protocol.frames import zstd_available
 from source_agent.bandwidth import BandwidthWindowConfig, parse_size
-
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """Split "host:port" (IPv6 as "[::1]:7100"); raise ValueError naming the problem."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 class VolumeConfig(BaseModel):
@@ -77,10 +69,7 @@ class ConnectionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _tls_files(self) -> ConnectionConfig:
-        if self.tls:
-            missing = [k for k in ("tls_ca", "tls_cert", "tls_key") if not getattr(self, k)]
-            if missing:
-                raise ValueError(f"tls = true needs {', '.join(missing)}")
+        require_tls_files(self)
         return self
 
     @field_validator("target")

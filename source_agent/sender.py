@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 import trio
 
+from protocol.config_util import parse_host_port
 from protocol.errors import AuthenticationError, ProtocolError
 from protocol.frames import ZSTD, Ack, Bye, CheckResult, Error, Ping, Pong, TaskResult, Welcome
 from protocol.keys import KeyFileError, read_key
@@ -49,7 +50,6 @@ from protocol.runtime.tls import (
 )
 from protocol.session import Role, Session
 from source_agent.bandwidth import Throttle
-from source_agent.config import parse_host_port
 from source_agent.journal import JournalGapError
 from source_agent.registry import Connection
 from source_agent.tasks import SourceTasks, is_encoded_task

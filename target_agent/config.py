@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from protocol.config_util import load_toml_model
+from protocol.config_util import load_toml_model, parse_host_port, require_tls_files
 
 
 class SourceEntry(BaseModel):
@@ -48,21 +48,11 @@ class TargetConfig(BaseModel):
     tls_cert: str | None = None
     tls_key: str | None = None
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics")
     @classmethod
-    def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{value!r} is not host:port")
-        return value
-
-    @field_validator("metrics")
-    @classmethod
-    def _metrics_address(cls, value: str | None) -> str | None:
+    def _host_port(cls, value: str | None) -> str | None:
         if value is not None:
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"{value!r} is not host:port")
+            parse_host_port(value)
         return value
 
     @model_validator(mode="after")
@@ -70,10 +60,7 @@ class TargetConfig(BaseModel):
         nodes = [s.node for s in self.source]
         if len(set(nodes)) != len(nodes):
             raise ValueError("source node names must be unique")
-        if self.tls:
-            missing = [k for k in ("tls_ca", "tls_cert", "tls_key") if not getattr(self, k)]
-            if missing:
-                raise ValueError(f"tls = true needs {', '.join(missing)}")
+        require_tls_files(self)
         return self
 
 
