@@ -343,12 +343,6 @@ class SourceAgent:
     def _conn_status(self, c: Connection) -> dict[str, Any]:
         volume = self.volumes[c.volume]
         journal = volume.journal
-        queue_bytes = 0
-        if c.acked_seq < journal.last_seq:
-            # Estimate from the journal's bytes: exact enough for a status line.
-            ops_behind = journal.last_seq - c.acked_seq
-            held = max(journal.last_seq - journal.first_seq + 1, 1)
-            queue_bytes = int(journal.disk_bytes * min(ops_behind / held, 1.0))
         return {
             "id": c.id, "volume": c.volume, "target": c.target, "target_path": c.target_path,
             "target_node": c.target_node, "state": c.state, "replicating": c.replicating,
@@ -356,7 +350,8 @@ class SourceAgent:
             "mirror_reason": c.mirror_reason, "journal_dropped": c.journal_dropped,
             "acked_seq": c.acked_seq,
             "sent_seq": c.sent_seq, "captured_seq": journal.last_seq,
-            "queue_ops": max(journal.last_seq - c.acked_seq, 0), "queue_bytes": queue_bytes,
+            "queue_ops": max(journal.last_seq - c.acked_seq, 0),
+            "queue_bytes": journal.bytes_after(c.acked_seq),
             "lag_seconds": volume.lag_seconds(c.acked_seq), "bytes_sent": c.bytes_sent,
             **c.bandwidth_status(),
             "last_error": c.last_error,

@@ -443,6 +443,16 @@ class Journal:
             removed += 1
         return removed
 
+    def bytes_after(self, seq: int) -> int:
+        """Estimated journal bytes of the ops after ``seq`` (a connection's backlog):
+        the disk bytes in proportion to the ops held. Exact enough for status and metrics,
+        without reading the segments."""
+        behind = self.last_seq - seq
+        if behind <= 0:
+            return 0
+        held = max(self.last_seq - self.first_seq + 1, 1)
+        return int(self.disk_bytes * min(behind / held, 1.0))
+
     @property
     def memory_bytes(self) -> int:
         return self._tail_bytes

@@ -13,8 +13,6 @@ if TYPE_CHECKING:
 #: dashboard can sum by state. An unknown state is still exported, as its own series.
 CONNECTION_STATES = ("starting", "connecting", "replicating", "disconnected", "error",
                      "stopped", "restore-required")
-#: Final task states (protocol/runtime/taskrun.py).
-TASK_RESULTS = ("done", "failed", "timed-out", "interrupted", "refused")
 
 
 def collect_source(agent: SourceAgent, scrape: Scrape) -> None:
@@ -39,11 +37,7 @@ def collect_source(agent: SourceAgent, scrape: Scrape) -> None:
         journal = volume.journal
         labels = {"conid": c.id, "volume": c.volume, "node": node}
         ops_behind = max(journal.last_seq - c.acked_seq, 0)
-        lag_bytes = 0
-        if ops_behind:
-            # Estimated from the journal's bytes, as `status` does (queue_bytes).
-            held = max(journal.last_seq - journal.first_seq + 1, 1)
-            lag_bytes = int(journal.disk_bytes * min(ops_behind / held, 1.0))
+        lag_bytes = journal.bytes_after(c.acked_seq)   # the estimate status shows too
         scrape.gauge("lag_ops", "Ops captured but not yet durable on the target.",
                      ops_behind, **labels)
         scrape.gauge("lag_bytes", "Journal bytes not yet durable on the target (estimate).",
@@ -83,10 +77,6 @@ def collect_source(agent: SourceAgent, scrape: Scrape) -> None:
                          job.bytes_done, **labels)
             scrape.gauge("mirror_bytes_total", "Bytes the current/last mirror job found.",
                          job.bytes_total, **labels)
-    counts = dict.fromkeys(TASK_RESULTS, 0)
-    for record in list(agent.task_store.records.values()):
-        if record.state in counts:
-            counts[record.state] += 1
-    for result, count in counts.items():
+    for result, count in agent.task_store.result_counts().items():
         scrape.gauge("task_results", "Finished tasks kept in the task store, by result.",
                      count, result=result, node=node)

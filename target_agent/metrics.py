@@ -9,9 +9,6 @@ from protocol.runtime.metrics import Scrape
 if TYPE_CHECKING:
     from target_agent.agent import TargetAgent
 
-#: Final task states (protocol/runtime/taskrun.py).
-TASK_RESULTS = ("done", "failed", "timed-out", "interrupted", "refused")
-
 
 def collect_target(agent: TargetAgent, scrape: Scrape) -> None:
     """Fill ``scrape`` from ``agent``'s replicas; ``node`` is the source node."""
@@ -36,10 +33,6 @@ def collect_target(agent: TargetAgent, scrape: Scrape) -> None:
         if r.last_checkpoint is not None:
             scrape.gauge("last_checkpoint_timestamp_seconds",
                          "Wall time of the last checkpoint.", r.last_checkpoint, **labels)
-    counts = dict.fromkeys(TASK_RESULTS, 0)
-    for record in list(agent.tasks.records.values()):
-        if record.state in counts:
-            counts[record.state] += 1
-    for result, count in counts.items():
+    for result, count in agent.tasks.result_counts().items():
         scrape.gauge("task_results", "Finished tasks kept in the task store, by result.",
                      count, result=result)

@@ -142,6 +142,14 @@ class TaskStore:
             self.save()
         return interrupted
 
+    def result_counts(self) -> dict[str, int]:
+        """How many kept records ended in each final state (every state present)."""
+        counts = dict.fromkeys(sorted(FINAL_STATES), 0)
+        for record in list(self.records.values()):
+            if record.state in counts:
+                counts[record.state] += 1
+        return counts
+
     def save(self) -> None:
         with self._save_lock:
             records = sorted(self.records.values(), key=lambda r: r.queued)[-KEEP_RECORDS:]
