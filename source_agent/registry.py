@@ -93,7 +93,12 @@ class Connection:
         self.changed = trio.Event()
 
     def bandwidth_limit(self, when: dt.datetime | None = None) -> int | None:
-        """Bytes/s of OPS frames in effect at local time ``when`` (now); None: no limit."""
+        """Bytes/s of OPS frames in effect at local time ``when`` (now); None: no limit.
+
+        Asked twice per batch by the sender: without a schedule there is no clock to read.
+        """
+        if not self.bandwidth_schedule:
+            return self.bandwidth
         return limit_at(when or dt.datetime.now(), self.bandwidth_schedule, self.bandwidth)[0]
 
     def bandwidth_status(self) -> dict[str, Any]:
