@@ -405,15 +405,23 @@ class MirrorJob:
             await self._send_entry(path)
             self.bytes_done += st.st_size if entry == "file" else 0
             return
+        if await self._check_entry(path, name, dfd, st, entry):
+            self.bytes_done += st.st_size if entry == "file" else 0
+
+    async def _check_entry(self, path: bytes, name: bytes, dfd: int, st: os.stat_result,
+                           entry: str, *, checks: bool = True) -> bool:
+        """Check one entry: by its metadata (anything but a file, or any entry in the
+        difference mode) or by its content ranges. True when it was a metadata check
+        (the ranges count their own bytes). ``checks``: see :meth:`_check_file_ranges`."""
         if entry != "file" or (self.kind == "mirror" and self.mode == "different"):
             op = self._meta_check(path, name, dfd, st, entry)
             if entry == "file":
                 op = CheckOp(op.job, op.path, op.entry, op.meta, op.link, op.xattrs, 0,
                              BLOCK_SIZE, [], [], b"", b"", op.flags | CHECK_DIFFERENT)
             self._check(op, path, entry)
-            self.bytes_done += st.st_size if entry == "file" else 0
-            return
-        await self._check_file_ranges(path, name, dfd)
+            return True
+        await self._check_file_ranges(path, name, dfd, checks=checks)
+        return False
 
     async def _check_file_ranges(self, path: bytes, name: bytes, dfd: int,
                                  checks: bool = True) -> None:
@@ -510,14 +518,7 @@ class MirrorJob:
         entry = entry_kind(st.st_mode)
         if entry == "other":
             return
-        if entry != "file" or (self.kind == "mirror" and self.mode == "different"):
-            op = self._meta_check(path, path, base, st, entry)
-            if entry == "file":
-                op = CheckOp(op.job, op.path, op.entry, op.meta, op.link, op.xattrs, 0,
-                             BLOCK_SIZE, [], [], b"", b"", op.flags | CHECK_DIFFERENT)
-            self._check(op, path, entry)
-        else:
-            await self._check_file_ranges(path, path, base, checks=False)
+        await self._check_entry(path, path, base, st, entry, checks=False)
 
     async def _answered_files(self, pending: PendingCheck, result: dict[str, Any]) -> None:
         """A CHECK_FILES batch: missing files are differences like a per-file check's
