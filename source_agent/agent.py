@@ -353,8 +353,13 @@ class SourceAgent:
             "queue_ops": max(journal.last_seq - c.acked_seq, 0),
             "queue_bytes": journal.bytes_after(c.acked_seq),
             "lag_seconds": volume.lag_seconds(c.acked_seq), "bytes_sent": c.bytes_sent,
+            # Captured but not sent yet (the rest of the lag is in flight or unacked).
+            "unsent_ops": max(journal.last_seq - max(c.sent_seq, c.acked_seq), 0),
+            "ops_sent": c.ops_sent,
             **c.bandwidth_status(),
             "last_error": c.last_error,
+            "last_error_time": c.error.last_seen,
+            "recent_error": c.error.status(),
             "target_task_processing": c.target_task_processing,
             "last_task": last.public() if (last := self.task_store.last(c.id)) else None,
             "mirror": job.status() if (job := self.jobs.get(c.id)) else None,

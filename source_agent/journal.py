@@ -45,6 +45,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import time
 import zlib
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ import trio
 
 from protocol.frames import encode_op
 from protocol.ops import NoteOp, Op
+from protocol.runtime.metrics import Histogram
 
 log = structlog.get_logger("journal")
 
@@ -139,6 +141,10 @@ class Journal:
         self._sync_lock = trio.Lock()
         self.disk_bytes = 0
         self.recovery: Recovery | None = None
+        #: Bytes of records appended since open (metrics: throughput into the journal).
+        self.appended_bytes = 0
+        #: How long each fsync of a segment took (coalesced syncs and segment rolls).
+        self.fsync_latency = Histogram()
 
     # -- opening and closing ----------------------------------------------------------
 
@@ -273,6 +279,7 @@ class Journal:
         seg.size += record_size
         seg.last_seq = seq
         self.disk_bytes += record_size
+        self.appended_bytes += record_size
         self.last_seq = seq
         self._tail.append((scope, encoded))
         self._tail_bytes += len(encoded)
@@ -317,7 +324,7 @@ class Journal:
             _unlink_quietly(seg.path)
             raise
         try:
-            os.fsync(self._fd)
+            self._fsync(self._fd)
         except OSError:
             os.close(fd)
             _unlink_quietly(seg.path)
@@ -342,10 +349,16 @@ class Journal:
                 upto = self.last_seq
                 fd = os.dup(self._fd)
                 try:
-                    await trio.to_thread.run_sync(os.fsync, fd)
+                    await trio.to_thread.run_sync(self._fsync, fd)
                 finally:
                     os.close(fd)
                 self.durable_seq = max(self.durable_seq, upto)
+
+    def _fsync(self, fd: int) -> None:
+        """``os.fsync(fd)``, timed into :attr:`fsync_latency` (any thread)."""
+        started = time.perf_counter()
+        os.fsync(fd)
+        self.fsync_latency.observe(time.perf_counter() - started)
 
     async def run_flusher(self, interval: float) -> None:
         """fsync every ``interval`` seconds while there is something new (until cancelled)."""

@@ -32,6 +32,14 @@ def collect_source(agent: SourceAgent, scrape: Scrape) -> None:
                      journal.durable_seq, node=node, volume=v.name)
         scrape.counter("journal_failures", "Journal appends that failed.",
                        v.journal_failures, node=node, volume=v.name)
+        scrape.counter("journal_appended_bytes", "Bytes of records appended to the journal "
+                       "since the agent started (throughput into the queue).",
+                       journal.appended_bytes, node=node, volume=v.name)
+        scrape.histogram("journal_fsync_seconds", "Time one fsync of the journal took.",
+                         journal.fsync_latency, node=node, volume=v.name)
+        scrape.gauge("journal_fsync_max_seconds", "Longest journal fsync in the last 1-2 "
+                     "minutes.", journal.fsync_latency.snapshot()[3], node=node,
+                     volume=v.name)
     for c in agent.registry.connections.values():
         volume = agent.volumes[c.volume]
         journal = volume.journal
@@ -49,6 +57,17 @@ def collect_source(agent: SourceAgent, scrape: Scrape) -> None:
                      c.acked_seq, **labels)
         scrape.counter("sent_bytes", "Bytes of ops sent to the target.", c.bytes_sent,
                        **labels)
+        scrape.counter("sent_ops", "Ops sent to the target.", c.ops_sent, **labels)
+        scrape.counter("sent_wire_bytes", "Bytes of OPS frames sent to the target, after "
+                       "compression.", c.wire_bytes_sent, **labels)
+        limit = c.bandwidth_limit()
+        if limit is not None:
+            scrape.gauge("bandwidth_limit_bytes", "Bandwidth limit in force (bytes/s; no "
+                         "sample: unlimited).", limit, **labels)
+        if c.error.last_seen is not None:
+            scrape.gauge("last_error_timestamp_seconds", "Wall time of the connection's "
+                         "most recent error (kept after it cleared).", c.error.last_seen,
+                         **labels)
         scrape.gauge("replicating", "1 when replication is started for the connection.",
                      int(c.replicating), **labels)
         scrape.gauge("mirror_required", "1 when the connection needs a mirror.",

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 import trio
 
+from protocol.runtime.metrics import ErrorRecord
 from protocol.runtime.statefile import load_json, save_json
 from source_agent.bandwidth import Window, limit_at, parse_size
 from source_agent.config import ConnectionConfig, SourceConfig
@@ -64,10 +65,13 @@ class Connection:
 
     # Runtime only (not persisted).
     state: str = field(default="starting", metadata={"runtime": True})
-    last_error: str = field(default="", metadata={"runtime": True})
+    #: The error now (``last_error``) and the last one with its times, kept after it
+    #: cleared (status: last_error_time, recent_error).
+    error: ErrorRecord = field(default_factory=ErrorRecord, metadata={"runtime": True})
     sent_seq: int = field(default=0, metadata={"runtime": True})
     target_node: str = field(default="", metadata={"runtime": True})
     bytes_sent: int = field(default=0, metadata={"runtime": True})
+    ops_sent: int = field(default=0, metadata={"runtime": True})
     #: OPS frame bytes on the wire (after compression); bytes_sent counts op bytes.
     wire_bytes_sent: int = field(default=0, metadata={"runtime": True})
     compression_active: str = field(default="", metadata={"runtime": True})
@@ -86,6 +90,29 @@ class Connection:
 
     def persisted(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._PERSISTED}
+
+    @property
+    def last_error(self) -> str:
+        """Why the connection does not work now ("" when it does)."""
+        return self.error.current
+
+    @last_error.setter
+    def last_error(self, message: str) -> None:
+        self.error.set(message)
+
+    def configure(self, cc: ConnectionConfig) -> None:
+        """Take the settings of its ``[[connection]]`` table that are not persisted
+        (at load): TLS, key file, bandwidth, compression.
+
+        The sender reads the bandwidth at every frame, so a new limit paces the next
+        one; TLS, the key file and compression are used from the next session on.
+        """
+        self.key_file = cc.key_file
+        self.tls, self.tls_ca, self.tls_cert = cc.tls, cc.tls_ca, cc.tls_cert
+        self.tls_key, self.tls_server_name = cc.tls_key, cc.tls_server_name
+        self.bandwidth = None if cc.bandwidth is None else parse_size(cc.bandwidth)
+        self.bandwidth_schedule = [w.window() for w in cc.bandwidth_schedule]
+        self.compression = cc.compression
 
     def poke(self) -> None:
         """Wake whoever waits for a change of flags (the sender)."""
@@ -146,15 +173,10 @@ class Registry:
                 self.connections[cc.id] = self._new(cc, journal_last_seq, volume_empty)
             else:  # config wins for where it goes; flags and positions are kept
                 existing.volume, existing.target = cc.volume, cc.target
-                existing.target_path, existing.key_file = cc.target_path, cc.key_file
+                existing.target_path = cc.target_path
                 existing.from_config = True
         for cc in self.config.connection:
-            conn = self.connections[cc.id]
-            conn.tls, conn.tls_ca, conn.tls_cert = cc.tls, cc.tls_ca, cc.tls_cert
-            conn.tls_key, conn.tls_server_name = cc.tls_key, cc.tls_server_name
-            conn.bandwidth = None if cc.bandwidth is None else parse_size(cc.bandwidth)
-            conn.bandwidth_schedule = [w.window() for w in cc.bandwidth_schedule]
-            conn.compression = cc.compression
+            self.connections[cc.id].configure(cc)
         for conid in [c.id for c in self.connections.values()
                       if c.from_config and c.id not in configured]:
             del self.connections[conid]  # removed from the config file

@@ -298,6 +298,7 @@ class Sender:
                 seq += len(batch)
                 conn.sent_seq = seq - 1
                 conn.bytes_sent += size
+                conn.ops_sent += len(batch)
                 conn.wire_bytes_sent += len(ops_frame)
                 inflight.append((seq - 1, size))
                 state["inflight_bytes"] += size

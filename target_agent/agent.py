@@ -86,6 +86,9 @@ QUEUE_BATCHES = 16
 DRAIN_BYTES = 8 * 1024 * 1024
 #: Checkpoint once the input has been quiet this long (seconds).
 CHECKPOINT_QUIET = 0.005
+#: How a replica's ``last_error`` starts when a session of it ended with an error
+#: (cleared when the next session starts streaming).
+SESSION_ERROR = "session ended: "
 
 
 class TargetAgent:
@@ -242,11 +245,14 @@ class TargetAgent:
             self._handshake_over(address, stream)
             return
         fs = FrameStream(link, Session(Role.TARGET))
+        replica: Replica | None = None
         try:
             replica = await self._handshake(fs, bound, address, stream)
             if replica is not None:
                 await self._stream(fs, replica)
         except ProtocolError as exc:
+            if replica is not None:      # authenticated: status says why it ended
+                replica.last_error = f"{SESSION_ERROR}{exc}"
             self.refused_sessions += isinstance(exc, AuthenticationError)
             where: dict[str, str] = {}
             hello = fs.session.hello
@@ -270,6 +276,8 @@ class TargetAgent:
             await fs.fail(ProtocolError("the target cannot read its key for this source "
                                         "(see the target's log)", code="config"))
         except Exception as exc:  # a bug in one session must not stop the agent
+            if replica is not None:
+                replica.last_error = f"{SESSION_ERROR}internal error: {exc}"
             bound.exception("session failed", error=str(exc))
             await fs.fail(ProtocolError(f"internal error: {exc}", code="internal"))
         finally:
@@ -444,6 +452,8 @@ class TargetAgent:
         bound = log.bind(source=replica.node, conid=replica.conid)
         send_channel, receive_channel = trio.open_memory_channel[Ops](QUEUE_BATCHES)
         replica.state = "replicating"
+        if replica.last_error.startswith(SESSION_ERROR):
+            replica.last_error = ""
         replica.received_seq = replica.applied_seq
         bound.info("session started", resume_from=replica.applied_seq + 1)
 

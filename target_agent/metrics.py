@@ -30,6 +30,17 @@ def collect_target(agent: TargetAgent, scrape: Scrape) -> None:
                      int(r.state == "paused"), **labels)
         scrape.gauge("mirror_required", "1 when the replica needs a mirror.",
                      int(r.mirror_required), **labels)
+        scrape.histogram("checkpoint_seconds", "Time one checkpoint took (fsync of what "
+                         "it covers, then the state file).", r.checkpoint_latency, **labels)
+        scrape.gauge("checkpoint_max_seconds", "Longest checkpoint in the last 1-2 minutes.",
+                     r.checkpoint_latency.snapshot()[3], **labels)
+        scrape.histogram("checkpoint_fsync_seconds", "Time a checkpoint's fsync of the "
+                         "touched files and directories took.", r.fsync_latency, **labels)
+        scrape.gauge("checkpoint_fsync_max_seconds", "Longest checkpoint fsync in the last "
+                     "1-2 minutes.", r.fsync_latency.snapshot()[3], **labels)
+        if r.error.last_seen is not None:
+            scrape.gauge("last_error_timestamp_seconds", "Wall time of the replica's most "
+                         "recent error (kept after it cleared).", r.error.last_seen, **labels)
         if r.last_checkpoint is not None:
             scrape.gauge("last_checkpoint_timestamp_seconds",
                          "Wall time of the last checkpoint.", r.last_checkpoint, **labels)

@@ -38,6 +38,7 @@ import structlog
 import trio
 
 from protocol.ops import RENAME_EXCHANGE, CheckOp, NoteOp, Op, RenameOp
+from protocol.runtime.metrics import ErrorRecord, Histogram
 from protocol.runtime.statefile import load_json, save_json
 from target_agent.applier import TRANSIENT_ERRNOS, Applier, ApplyError
 from target_agent.checker import check
@@ -70,7 +71,9 @@ class Replica:
     intent: dict[str, Any] | None = None
     # Runtime only.
     state: str = "idle"
-    last_error: str = ""
+    #: The error now (``last_error``) and the last one with its times, kept after it
+    #: cleared (status: last_error_time, recent_error).
+    error: ErrorRecord = field(default_factory=ErrorRecord)
     apply_failures: int = 0
     received_seq: int = 0
     ops_applied: int = 0
@@ -83,6 +86,10 @@ class Replica:
     applier: Applier | None = None
     #: (seq, op, result) of CHECK ops applied but not yet answered; drained by the session.
     check_results: list[tuple[int, CheckOp, dict[str, Any]]] = field(default_factory=list)
+    #: How long each checkpoint took, and its fsync of the touched files and
+    #: directories alone (the rest is the state file's write, fsync and rename).
+    checkpoint_latency: Histogram = field(default_factory=Histogram)
+    fsync_latency: Histogram = field(default_factory=Histogram)
 
     _PERSISTED = ("node", "conid", "target_path", "applied_seq", "restore_required",
                   "mirror_required", "mirror_reason", "failed_over", "intent")
@@ -98,6 +105,15 @@ class Replica:
                    mirror_required=bool(raw.get("mirror_required")),
                    mirror_reason=str(raw.get("mirror_reason", "")),
                    failed_over=bool(raw.get("failed_over")), intent=raw.get("intent"))
+
+    @property
+    def last_error(self) -> str:
+        """Why applying fails now, or why the last session was refused ("" when fine)."""
+        return self.error.current
+
+    @last_error.setter
+    def last_error(self, message: str) -> None:
+        self.error.set(message)
 
     @property
     def replica_path(self) -> str:
@@ -132,6 +148,8 @@ class Replica:
             "target_path": self.target_path, "replica_path": self.replica_path,
             "ops_applied": self.ops_applied, "bytes_applied": self.bytes_applied,
             "apply_failures": self.apply_failures, "last_error": self.last_error,
+            "last_error_time": self.error.last_seen, "recent_error": self.error.status(),
+            "last_checkpoint": self.last_checkpoint,
             "paused_since": self.paused_since,
             "tolerated_missing": self.applier.tolerated_missing if self.applier else 0,
         }
@@ -239,7 +257,9 @@ class Replica:
         if self._pending_seq <= self.applied_seq:
             return
         assert self.applier is not None
+        started = time.perf_counter()
         self.applier.sync()
+        self.fsync_latency.observe(time.perf_counter() - started)
         try:
             # Written first, published after: status, ACKs and a new session's
             # resume point (read from other threads) never show a seq the file does
@@ -255,6 +275,7 @@ class Replica:
         self.applied_seq = self._pending_seq
         self.intent = None
         self.last_checkpoint = time.time()
+        self.checkpoint_latency.observe(time.perf_counter() - started)
 
     async def apply_with_retry(self, first_seq: int, ops: list[Op], *,
                                checkpoint: bool = True,
