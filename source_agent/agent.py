@@ -17,6 +17,7 @@ from protocol.control import Exit, Request, Result, failed, ok
 from protocol.frames import CheckResult
 from protocol.keys import KeyFileError, read_key
 from protocol.runtime.control import Emit, serve_control
+from protocol.runtime.daemon import ConfigFile, current_config_file
 from protocol.runtime.metrics import serve_metrics
 from protocol.runtime.sdnotify import notify, watchdog_interval
 from protocol.runtime.taskrun import TaskStore
@@ -37,12 +38,30 @@ log = structlog.get_logger("source")
 _JOURNAL_ROOM = 4 << 20
 _ENOSPC = os.strerror(errno.ENOSPC)
 
+#: Top-level keys a config reload (SIGHUP) applies to the running agent: read from
+#: ``self.config`` where they are used, or pushed to the senders and the task runner.
+LIVE_SETTINGS = ("log_level", "mirror_on_connect", "batch_bytes", "window_bytes", "task_dir")
+#: Keys of a ``[[connection]]`` table a reload applies: the bandwidth paces the next
+#: frame; the key file and compression are used from the next session on.
+LIVE_CONNECTION_SETTINGS = ("bandwidth", "bandwidth_schedule", "compression", "key_file")
+#: Everything else needs a restart: node, state_dir, control_socket and the control
+#: socket's uids/gids (bound at start), metrics, queue (the journal is open), volume
+#: (mounted), and a connection added, removed, or moved to another target, path or
+#: TLS setting (its sender and the target's replica are tied to those).
+LIVE_KEYS = frozenset({*LIVE_SETTINGS,
+                       *(f"connection[*].{k}" for k in LIVE_CONNECTION_SETTINGS)})
+
 
 class SourceAgent:
-    """Everything one ``mirrorline-source`` process runs."""
+    """Everything one ``mirrorline-source`` process runs.
 
-    def __init__(self, config: SourceConfig) -> None:
+    ``config_file``: where ``config`` came from, for reloads (see
+    :meth:`reload_config`); none: reloads are refused.
+    """
+
+    def __init__(self, config: SourceConfig, config_file: ConfigFile | None = None) -> None:
         self.config = config
+        self.config_file = config_file or ConfigFile()
         self.registry = Registry(config)
         self.volumes: dict[str, Volume] = {}
         self.senders: dict[int, tuple[Sender, trio.CancelScope]] = {}
@@ -289,6 +308,20 @@ class SourceAgent:
                     volume.journal_error = ""
                     self._journal_writable(volume)
 
+    async def reload_config(self) -> bool:
+        """SIGHUP: read the config file again and apply what may change live
+        (:data:`LIVE_KEYS`); a rejected file leaves everything as it was. Returns
+        whether the file was valid. See protocol/runtime/daemon.py."""
+        return await self.config_file.reload(self.config, LIVE_KEYS, self._reconfigure)
+
+    def _reconfigure(self, config: SourceConfig) -> None:
+        self.config = config
+        self.registry.reconfigure(config)
+        self.tasks.task_dir = config.task_dir
+        for sender, _ in self.senders.values():
+            sender.batch_bytes = config.batch_bytes
+            sender.window_bytes = config.window_bytes
+
     def close(self) -> None:
         """Flush journals and state at shutdown (after the mounts are gone)."""
         for volume in self.volumes.values():
@@ -337,6 +370,7 @@ class SourceAgent:
                 "sync_replicated": v.sync_replicated, "sync_degraded": v.sync_degraded,
             } for v in self.volumes.values()],
             "connections": [self._conn_status(c) for c in conns],
+            "config": self.config_file.status(),
         }
         return ok("", **data)
 
@@ -759,17 +793,22 @@ async def _watchdog(interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def run_source(config: SourceConfig) -> None:
-    """Run a source agent until SIGTERM/SIGINT, then shut down cleanly."""
-    agent = SourceAgent(config)
+async def run_source(config: SourceConfig, config_file: ConfigFile | None = None) -> None:
+    """Run a source agent until SIGTERM/SIGINT, then shut down cleanly; SIGHUP reloads
+    the config (``config_file``: by default the one :func:`run_daemon` read)."""
+    agent = SourceAgent(config, config_file or current_config_file())
     agent.open()
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                       signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(agent.serve)
 
                 async def wait_signal() -> None:
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            await agent.reload_config()
+                            continue
                         log.info("shutting down", signal=signal.Signals(signum).name)
                         notify("STOPPING=1")
                         nursery.cancel_scope.cancel()

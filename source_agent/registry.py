@@ -102,7 +102,7 @@ class Connection:
 
     def configure(self, cc: ConnectionConfig) -> None:
         """Take the settings of its ``[[connection]]`` table that are not persisted
-        (at load): TLS, key file, bandwidth, compression.
+        (at load, and on a config reload): TLS, key file, bandwidth, compression.
 
         The sender reads the bandwidth at every frame, so a new limit paces the next
         one; TLS, the key file and compression are used from the next session on.
@@ -182,6 +182,15 @@ class Registry:
             del self.connections[conid]  # removed from the config file
         self.next_id = max([self.next_id, *[c + 1 for c in self.connections]])
         self.save()
+
+    def reconfigure(self, config: SourceConfig) -> None:
+        """A reloaded config (already merged: only live keys differ from the running
+        one): the connections it lists take their new settings."""
+        self.config = config
+        for cc in config.connection:
+            conn = self.connections.get(cc.id)
+            if conn is not None and conn.from_config:
+                conn.configure(cc)
 
     def _new(self, cc: ConnectionConfig, last_seq: int,
              volume_empty: dict[str, bool]) -> Connection:

@@ -43,6 +43,7 @@ from protocol.frames import (
 from protocol.keys import KeyFileError, key_file_warning, read_key
 from protocol.ops import Op, TaskOp, check_relative_path
 from protocol.runtime.control import Emit, serve_control
+from protocol.runtime.daemon import ConfigFile, current_config_file
 from protocol.runtime.groups import single_error
 from protocol.runtime.metrics import serve_metrics
 from protocol.runtime.ratelimit import LoginLimiter
@@ -90,12 +91,27 @@ CHECKPOINT_QUIET = 0.005
 #: (cleared when the next session starts streaming).
 SESSION_ERROR = "session ended: "
 
+#: Keys a config reload (SIGHUP) applies to the running agent. checkpoint_* and
+#: task_dir are read from ``self.config`` where used; a source's key file is read at
+#: every handshake, and a source added to the config may connect from then on.
+#: Everything else needs a restart: node, listen, state_dir, control_socket and the
+#: control socket's uids/gids (bound at start), metrics, TLS (the listener's context
+#: is loaded at start), and a source removed or given another root (its replicas and
+#: sessions live under that root).
+LIVE_KEYS = frozenset({"log_level", "checkpoint_interval", "checkpoint_bytes", "task_dir",
+                       "source[*].key_file", "source[+]"})
+
 
 class TargetAgent:
-    """Everything one ``mirrorline-target`` process runs."""
+    """Everything one ``mirrorline-target`` process runs.
 
-    def __init__(self, config: TargetConfig) -> None:
+    ``config_file``: where ``config`` came from, for reloads (see
+    :meth:`reload_config`); none: reloads are refused.
+    """
+
+    def __init__(self, config: TargetConfig, config_file: ConfigFile | None = None) -> None:
         self.config = config
+        self.config_file = config_file or ConfigFile()
         self.sources: dict[str, SourceEntry] = {s.node: s for s in config.source}
         #: TLS on the listener, loaded at start: a bad file stops the start (TLSConfigError).
         self.server_tls = (server_context(config.tls_ca, config.tls_cert, config.tls_key)
@@ -130,8 +146,21 @@ class TargetAgent:
                     if entry is None:
                         replica.state = "unconfigured"
                     self.replicas[(node, replica.conid)] = replica
-        for entry in self.config.source:
-            # Said at start-up, naming the file, not only when that source connects.
+        self._check_keys(self.config.source)
+        settings = load_json(self.settings_path) or {}
+        self.task_processing = bool(settings.get("task_processing", True))
+        for record in self.tasks.load():
+            log.warning("task was interrupted by a stop of the agent; it will not be re-run",
+                        task_id=record.id, source=record.source, conid=record.conid,
+                        seq=record.seq, task=record.name)
+        log.info("target state loaded", replicas=len(self.replicas),
+                 task_processing=self.task_processing)
+
+    @staticmethod
+    def _check_keys(entries: list[SourceEntry]) -> None:
+        """Say now, naming the file, when a source's key cannot be used (not only when
+        that source connects)."""
+        for entry in entries:
             try:
                 read_key(entry.key_file)
             except KeyFileError as exc:
@@ -141,14 +170,23 @@ class TargetAgent:
                 warning = key_file_warning(entry.key_file)
                 if warning:
                     log.warning(warning, source=entry.node)
-        settings = load_json(self.settings_path) or {}
-        self.task_processing = bool(settings.get("task_processing", True))
-        for record in self.tasks.load():
-            log.warning("task was interrupted by a stop of the agent; it will not be re-run",
-                        task_id=record.id, source=record.source, conid=record.conid,
-                        seq=record.seq, task=record.name)
-        log.info("target state loaded", replicas=len(self.replicas),
-                 task_processing=self.task_processing)
+
+    async def reload_config(self) -> bool:
+        """SIGHUP: read the config file again and apply what may change live
+        (:data:`LIVE_KEYS`); a rejected file leaves everything as it was. Returns
+        whether the file was valid. See protocol/runtime/daemon.py."""
+        return await self.config_file.reload(self.config, LIVE_KEYS, self._reconfigure)
+
+    def _reconfigure(self, config: TargetConfig) -> None:
+        old = self.sources
+        self.config = config
+        self.sources = {s.node: s for s in config.source}
+        self._check_keys([s for s in config.source if s != old.get(s.node)])
+        for replica in self.replicas.values():
+            entry = self.sources.get(replica.node)
+            if replica.state == "unconfigured" and entry is not None:
+                replica.root = entry.root
+                replica.state = "idle"
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -711,7 +749,8 @@ class TargetAgent:
                   refused_sessions=self.refused_sessions,
                   login_attempts_rate_limited=self.login_limiter.refused_total,
                   task_processing=self.task_processing,
-                  tasks_available=list_tasks(self.config.task_dir), connections=conns)
+                  tasks_available=list_tasks(self.config.task_dir), connections=conns,
+                  config=self.config_file.status())
 
     async def cmd_tasks(self, args: dict[str, Any], emit: Emit) -> Result:
         conid = args.get("conid")
@@ -806,14 +845,18 @@ async def _watchdog(interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def run_target(config: TargetConfig) -> None:
-    """Run a target agent until SIGTERM/SIGINT."""
-    agent = TargetAgent(config)
+async def run_target(config: TargetConfig, config_file: ConfigFile | None = None) -> None:
+    """Run a target agent until SIGTERM/SIGINT; SIGHUP reloads the config
+    (``config_file``: by default the one :func:`run_daemon` read)."""
+    agent = TargetAgent(config, config_file or current_config_file())
     agent.open()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.serve)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await agent.reload_config()
+                    continue
                 log.info("shutting down", signal=signal.Signals(signum).name)
                 notify("STOPPING=1")
                 nursery.cancel_scope.cancel()

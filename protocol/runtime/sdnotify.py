@@ -4,13 +4,16 @@ What the agents send, in order (the units are ``Type=notify``, ``WatchdogSec=30`
 ``STATUS=starting ...`` before the agent runs; ``READY=1`` once every listener, control
 socket and mount is up; ``WATCHDOG=1`` every half watchdog period while it runs (only
 when systemd set ``WATCHDOG_USEC`` for this process); ``STOPPING=1`` on SIGTERM;
-``STATUS=...`` when it stopped, failed or the config was invalid.
+``STATUS=...`` when it stopped, failed or the config was invalid. On SIGHUP
+(``ExecReload=``): ``RELOADING=1`` with ``MONOTONIC_USEC`` (:func:`notify_reloading`)
+while the config is read again, then ``READY=1`` with a ``STATUS=`` saying how it went.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 def notify(state: str, status: str | None = None) -> bool:
@@ -33,6 +36,13 @@ def notify(state: str, status: str | None = None) -> bool:
         except OSError:
             return False
     return True
+
+
+def notify_reloading(status: str | None = None) -> bool:
+    """Tell systemd a reload began: ``RELOADING=1`` and the ``MONOTONIC_USEC`` it
+    asks to come with it (sd_notify(3)); ``READY=1`` must follow when it is over."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}", status)
 
 
 def watchdog_interval() -> float | None:

@@ -127,3 +127,56 @@ def test_no_watchdog_pings_when_systemd_asks_for_none(
             proc.wait(10)
     assert "READY=1" in seen and "STOPPING=1" in seen, seen
     assert "WATCHDOG=1" not in seen, seen
+
+
+def test_reload_says_reloading_then_ready_and_changes_the_log_level(
+        tmp_path: Path, notify_socket: tuple[socket.socket, str]) -> None:
+    # As `systemctl reload` runs ExecReload=/bin/kill -HUP $MAINPID: RELOADING=1 (with
+    # MONOTONIC_USEC) while the file is read, READY=1 after, whether or not it was valid.
+    sock, path = notify_socket
+    target = Cluster(tmp_path).target()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
+    env["NOTIFY_SOCKET"] = path
+    with open(target.log_path, "ab") as log:    # no --log-level: the file's log_level rules
+        proc = subprocess.Popen(
+            [str(BIN / "mirrorline-target"), "--config", str(target.config_path)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while "READY=1" not in seen and time.monotonic() < deadline:
+            assert proc.poll() is None, target.log_text()
+            seen += states(receive(sock, min(deadline, time.monotonic() + 0.5)))
+        assert "READY=1" in seen, target.log_text()
+
+        def reload() -> list[str]:
+            proc.send_signal(signal.SIGHUP)
+            got: list[str] = []
+            until = time.monotonic() + 30
+            while "READY=1" not in got and time.monotonic() < until:
+                got += states(receive(sock, min(until, time.monotonic() + 0.5)))
+            return got
+
+        text = target.config_path.read_text()
+        target.config_path.write_text('log_level = "warning"\n' + text)
+        first = reload()
+        assert [s for s in first if not s.startswith(("STATUS=", "MONOTONIC_USEC="))] == [
+            "RELOADING=1", "READY=1"], first
+        reloading = first.index("RELOADING=1")
+        assert first[reloading + 1].startswith("MONOTONIC_USEC="), first
+        assert int(first[reloading + 1].split("=", 1)[1]) > 0
+        assert "STATUS=running; config reloaded" in first, first
+
+        # At warning, info lines stop and the rejected reload's error still shows.
+        lines = len(target.log_text().splitlines())
+        target.config_path.write_text('log_level = "warning"\nbogus = 1\n' + text)
+        second = reload()
+        assert "READY=1" in second and any(
+            s.startswith("STATUS=running on the previous config") for s in second), second
+        assert proc.poll() is None
+        new = target.log_text().splitlines()[lines:]
+        assert len(new) == 1 and '"level": "error"' in new[0], new
+        assert "bogus: unknown key" in new[0], new
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -115,6 +115,8 @@ def test_unit_has_the_contract_service_settings(role: str) -> None:
     assert value(unit, "Service", "RestartPreventExitStatus") == "78"
     assert value(unit, "Service", "ConfigurationDirectory") == "mirrorline"
     assert value(unit, "Service", "NotifyAccess") == "main"
+    # SIGHUP reloads the config (issue 7, item 2); the agent says RELOADING=1 / READY=1.
+    assert value(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
 
 
 # Settings that give a unit its own mount namespace: a FUSE mount made inside it would
