@@ -14,6 +14,7 @@ neither can fail to encode.
 from __future__ import annotations
 
 import json
+import time
 
 from protocol.control import Result
 
@@ -102,75 +103,136 @@ class Printer:
 
 
 def render_status(data: Mapping[str, Any]) -> list[str] | None:
-    """The ``status`` result data as lines (source or target role), None if unrecognised."""
+    """The ``status`` result data as lines (source or target role), None if unrecognised.
+
+    A header (role, node, config file and its reloads, volumes), one table row per
+    connection, then, per connection that has any, aligned detail lines: why a mirror
+    is required, the mirror job, the bandwidth schedule in force, the last task and
+    the last error with its time (kept after it cleared). Plain text only: times are
+    local, with how long ago.
+    """
     role = data.get("role")
     connections = data.get("connections")
     if role not in ("source", "target") or not isinstance(connections, list):
         return None
     lines = [f"{role} {_text(data.get('node'))}"]
+    config = data.get("config")
+    if isinstance(config, dict):
+        lines += _config_lines(config)
     headers: tuple[str, ...]
     rows: list[tuple[str, ...]]
     if role == "source":
         for volume in _dicts(data.get("volumes")):
             mounted = "mounted" if volume.get("mounted") else "NOT MOUNTED"
-            lines.append(
-                f"volume {_text(volume.get('name'))}  {_text(volume.get('path'))}  {mounted}"
-                f"  captured_seq {_text(volume.get('captured_seq'))}"
-            )
-        headers = ("ID", "VOLUME", "TARGET", "STATE", "ACKED", "CAPTURED", "QUEUE", "LAG",
-                   "FLAGS")
+            line = (f"volume {_text(volume.get('name'))}  {_text(volume.get('path'))}  "
+                    f"{mounted}  captured_seq {_text(volume.get('captured_seq'))}")
+            if "journal_disk_bytes" in volume:
+                line += (f"  queue {_bytes(volume.get('journal_memory_bytes'))} memory, "
+                         f"{_bytes(volume.get('journal_disk_bytes'))} disk"
+                         f" (limit {_bytes(volume.get('journal_disk_limit'))})")
+            lines.append(line)
+        headers = ("ID", "TARGET", "STATE", "DATA", "LAG-OPS", "LAG-BYTES", "LAG-TIME",
+                   "UNSENT", "BANDWIDTH", "COMPRESSION")
         rows = [
             (
                 _text(conn.get("id")),
-                _text(conn.get("volume")),
                 _text(conn.get("target")),
                 _text(conn.get("state")),
-                _text(conn.get("acked_seq")),
-                _text(conn.get("captured_seq")),
+                _data_state(conn),
+                _text(conn.get("queue_ops")),
                 _bytes(conn.get("queue_bytes")),
                 _seconds(conn.get("lag_seconds")),
-                _flags(conn),
+                _text(conn.get("unsent_ops")),
+                _rate(conn.get("bandwidth_limit")) if "bandwidth_limit" in conn else _MISSING,
+                _compression(conn),
             )
             for conn in _dicts(connections)
         ]
         right = {4, 5, 6, 7}
     else:
-        headers = ("SOURCE", "ID", "APPLIED", "STATE", "FLAGS")
+        headers = ("SOURCE", "ID", "STATE", "DATA", "APPLIED", "RECEIVED", "BACKLOG")
         rows = [
             (
                 _text(conn.get("source")),
                 _text(conn.get("id")),
-                _text(conn.get("applied_seq")),
                 _text(conn.get("state")),
-                _flags(conn),
+                _data_state(conn),
+                _text(conn.get("applied_seq")),
+                _text(conn.get("received_seq")),
+                _backlog(conn),
             )
             for conn in _dicts(connections)
         ]
-        right = {2}
+        right = {1, 4, 5, 6}
     if not rows:
         lines.append("no connections")
         return lines
     lines += table(headers, rows, right)
     for conn in _dicts(connections):
-        cid = _text(conn.get("id"))
-        if conn.get("mirror_required") and conn.get("mirror_reason"):
-            lines.append(f"connection {cid}: mirror required: {_text(conn.get('mirror_reason'))}")
-        if conn.get("last_error"):
-            lines.append(f"connection {cid}: {_text(conn.get('last_error'))}")
-        job = conn.get("mirror")
-        if isinstance(job, dict):
-            pct = job.get("percent")
-            lines.append(
-                f"connection {cid}: {_text(job.get('kind'))} {_text(job.get('mode'))} "
-                f"{_text(job.get('state'))}"
-                + (f" {pct}%" if pct is not None else "")
-                + f", {_text(job.get('files_done'))} entries, "
-                  f"{_text(job.get('differences'))} differences"
-                + (f" ({_text(job.get('reason'))})" if job.get("reason") else ""))
-        task = conn.get("last_task")
-        if isinstance(task, dict):
-            lines.append(f"connection {cid}: last task {_task_summary(task)}")
+        details = _details(conn)
+        if details:
+            lines.append(f"connection {_text(conn.get('id'))}"
+                         + (f" from {_text(conn.get('source'))}" if role == "target" else ""))
+            width = max(len(label) for label, _ in details)
+            lines += [f"  {label.ljust(width)}  {text}" for label, text in details]
     return lines
+
+
+def _config_lines(config: Mapping[str, Any]) -> list[str]:
+    lines = [f"config {_text(config.get('path'))}  loaded {_when(config.get('loaded_at'))}"]
+    last = config.get("last_reload")
+    if isinstance(last, dict):
+        if last.get("ok"):
+            changed = last.get("changed") or []
+            lines.append(f"  last reload {_when(last.get('time'))}: ok"
+                         + (f", changed {', '.join(map(_text, changed))}" if changed
+                            else ", nothing changed live"))
+        else:
+            lines.append(f"  last reload {_when(last.get('time'))}: REJECTED, still running "
+                         f"on the config loaded before")
+            lines += [f"    {_text(error)}" for error in last.get("errors") or []]
+    restart = config.get("restart_required")
+    if isinstance(restart, list) and restart:
+        lines.append(f"  restart required for {', '.join(map(_text, restart))} (changed in "
+                     f"the file; the running values stay until a restart)")
+    return lines
+
+
+def _details(conn: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) lines about one connection, only the ones that have something."""
+    details: list[tuple[str, str]] = []
+    if conn.get("mirror_required") and conn.get("mirror_reason"):
+        details.append(("mirror required", _text(conn.get("mirror_reason"))))
+    job = conn.get("mirror")
+    if isinstance(job, dict):
+        pct = job.get("percent")
+        details.append((
+            _text(job.get("kind")),
+            f"{_text(job.get('mode'))} {_text(job.get('state'))}"
+            + (f" {pct}%" if pct is not None else "")
+            + f", {_text(job.get('files_done'))} entries, "
+              f"{_text(job.get('differences'))} differences"
+            + (f" ({_text(job.get('reason'))})" if job.get("reason") else "")))
+    if conn.get("bandwidth_window") is not None:
+        details.append(("bandwidth", f"{_rate(conn.get('bandwidth_limit'))} from "
+                        f"bandwidth_schedule window {_text(conn.get('bandwidth_window'))} "
+                        f"(bandwidth = {_rate(conn.get('bandwidth_configured'))})"))
+    task = conn.get("last_task")
+    if isinstance(task, dict):
+        details.append(("last task", _task_summary(task)))
+    error = conn.get("recent_error")
+    if isinstance(error, dict) and error.get("message"):
+        count = error.get("count")
+        last = error.get("last_seen")
+        when = _when(last)
+        if isinstance(count, int) and count > 1:
+            when += f", {count} times since {_clock(error.get('first_seen'), last)}"
+        if error.get("cleared_at") is not None:
+            when += f", cleared {_clock(error.get('cleared_at'), last)}"
+        details.append(("last error", f"{when}: {_text(error.get('message'))}"))
+    elif conn.get("last_error"):   # an agent without recent_error
+        details.append(("last error", _text(conn.get("last_error"))))
+    return details
 
 
 def render_tasks(data: Mapping[str, Any]) -> list[str] | None:
@@ -237,10 +299,57 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
-def _flags(conn: Mapping[str, Any]) -> str:
-    flags = [name.replace("_", "-") for name in ("restore_required", "mirror_required")
+def _data_state(conn: Mapping[str, Any]) -> str:
+    """good / mirror required / restore required (…), as the agent names it."""
+    if conn.get("data_state"):
+        return _text(conn.get("data_state"))
+    flags = [name.replace("_", " ") for name in ("restore_required", "mirror_required")
              if conn.get(name)]
-    return ",".join(flags) or _MISSING
+    return ", ".join(flags) or _MISSING
+
+
+def _backlog(conn: Mapping[str, Any]) -> str:
+    applied, received = conn.get("applied_seq"), conn.get("received_seq")
+    if isinstance(applied, int) and isinstance(received, int):
+        return str(max(received - applied, 0))
+    return _MISSING
+
+
+def _compression(conn: Mapping[str, Any]) -> str:
+    wanted = conn.get("compression")
+    if wanted is None:
+        return _MISSING
+    active = conn.get("compression_active")
+    if wanted != "none" and conn.get("state") == "replicating" and active != wanted:
+        return f"{wanted} (declined)"
+    return _text(wanted)
+
+
+def _rate(value: Any) -> str:
+    if value is None:
+        return "unlimited"
+    return _bytes(value) + "/s"
+
+
+def _clock(value: Any, near: Any) -> str:
+    """``value`` as local "HH:MM:SS" when on the same day as ``near``, else in full."""
+    if not isinstance(value, int | float) or not isinstance(near, int | float):
+        return _text(value)
+    day = time.strftime("%Y-%m-%d", time.localtime(near))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return stamp.removeprefix(day + " ")
+
+
+def _when(value: Any) -> str:
+    """A wall-clock time as local "YYYY-MM-DD HH:MM:SS (5m ago)"."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _text(value)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    ago = max(time.time() - value, 0.0)
+    for limit, unit, size in ((60, "s", 1), (3600, "m", 60), (86400, "h", 3600)):
+        if ago < limit:
+            return f"{stamp} ({int(ago // size)}{unit} ago)"
+    return f"{stamp} ({int(ago // 86400)}d ago)"
 
 
 def _task_summary(task: Mapping[str, Any]) -> str:
@@ -277,9 +386,17 @@ def _bytes(value: Any) -> str:
 
 
 def _seconds(value: Any) -> str:
+    """0.2s, 59.0s, 12m05s, 1h02m, 3d04h."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return _text(value)
-    return f"{value:.1f}s"
+    if value < 60:
+        return f"{value:.1f}s"
+    whole = int(value)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 def _json_line(body: Mapping[str, Any]) -> str:

@@ -139,6 +139,58 @@ TARGET_STATUS: dict[str, Any] = {
          "restore_required": True},
     ],
 }
+#: 2024-05-01 12:00:00 UTC: the tests render times with TZ=UTC.
+NOON = 1714564800.0
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def full_source_status(now: float) -> dict[str, Any]:
+    """What a source agent of this version says, one connection per data state."""
+    return {
+        "role": "source", "node": "src1",
+        "config": {"path": "/etc/mirrorline/source.toml", "loaded_at": now - 7200,
+                   "last_reload": {"time": now - 90, "ok": False, "changed": [],
+                                   "restart_required": [],
+                                   "errors": ["/etc/mirrorline/source.toml: "
+                                              "connection[0].colour: unknown key"]},
+                   "restart_required": ["state_dir"], "log_level": "info",
+                   "log_level_override": None},
+        "volumes": [{"name": "data", "path": "/srv/data", "mounted": True,
+                     "captured_seq": 1234, "journal_memory_bytes": 3 * 1024 * 1024,
+                     "journal_disk_bytes": 12 * 1024 * 1024,
+                     "journal_disk_limit": 8 * 1024 ** 3}],
+        "connections": [
+            {"id": 1, "target": "127.0.0.1:7100", "state": "replicating",
+             "data_state": "mirror required", "mirror_required": True,
+             "mirror_reason": "the volume held data when the connection was made",
+             "queue_ops": 34, "queue_bytes": 4096, "lag_seconds": 0.25, "unsent_ops": 0,
+             "bandwidth_limit": 1024 * 1024, "bandwidth_configured": 4 * 1024 * 1024,
+             "bandwidth_window": 0, "compression": "zstd", "compression_active": "",
+             "last_task": {"id": "t-12", "name": "snap.sh", "state": "done", "exit_code": 0},
+             "last_error": "",
+             "last_error_time": now - 300,
+             "recent_error": {"message": "connection refused", "first_seen": now - 400,
+                              "last_seen": now - 300, "count": 3, "cleared_at": now - 250}},
+            {"id": 2, "target": "10.0.0.2:7100", "state": "error",
+             "data_state": "restore required", "restore_required": True,
+             "queue_ops": 1034, "queue_bytes": 5 * 1024 * 1024, "lag_seconds": 3725.0,
+             "unsent_ops": 1034, "bandwidth_limit": None, "bandwidth_configured": None,
+             "bandwidth_window": None, "compression": "zstd", "compression_active": "",
+             "last_task": None, "last_error": "target refused: wrong key (auth)",
+             "last_error_time": now - 5,
+             "recent_error": {"message": "target refused: wrong key (auth)",
+                              "first_seen": now - 5, "last_seen": now - 5, "count": 1,
+                              "cleared_at": None}},
+        ],
+    }
 
 
 def test_status_prints_a_table_and_sends_the_request(
@@ -152,14 +204,86 @@ def test_status_prints_a_table_and_sends_the_request(
     assert lines[0] == "source src1"
     assert "volume data  /srv/data  mounted  captured_seq 1234" in lines
     header = next(line for line in lines if line.startswith("ID"))
-    for column in ("VOLUME", "TARGET", "STATE", "ACKED", "CAPTURED", "QUEUE", "LAG", "FLAGS"):
-        assert column in header
+    assert header.split() == ["ID", "TARGET", "STATE", "DATA", "LAG-OPS", "LAG-BYTES",
+                              "LAG-TIME", "UNSENT", "BANDWIDTH", "COMPRESSION"]
+    # An older agent's status (no data_state, lag ops or bandwidth): "-" where unknown.
     row1 = next(line for line in lines if line.startswith("1 "))
-    assert row1.split() == ["1", "data", "127.0.0.1:7100", "replicating", "1200", "1234",
-                            "4.0", "KiB", "0.2s", "mirror-required"]
+    assert row1.split() == ["1", "127.0.0.1:7100", "replicating", "mirror", "required", "-",
+                            "4.0", "KiB", "0.2s", "-", "-", "-"]
     row2 = next(line for line in lines if line.startswith("2 "))
-    assert "restore-required" in row2 and "5.0 MiB" in row2 and "-" in row2.split()
+    assert "restore required" in row2 and "5.0 MiB" in row2 and "-" in row2.split()
     assert err == ""
+
+
+def test_status_shows_everything_per_connection_aligned(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str], utc: None
+) -> None:
+    now = time.time()
+    server = serve(lambda request: [result(**full_source_status(now))])
+    code, out, err = cli(capsys, "--socket", server.path, "status")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now - 7200))
+    assert lines[:5] == [
+        "source src1",
+        f"config /etc/mirrorline/source.toml  loaded {loaded} (2h ago)",
+        f"  last reload {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(now - 90))} (1m ago): "
+        "REJECTED, still running on the config loaded before",
+        "    /etc/mirrorline/source.toml: connection[0].colour: unknown key",
+        "  restart required for state_dir (changed in the file; the running values stay "
+        "until a restart)",
+    ]
+    assert lines[5] == ("volume data  /srv/data  mounted  captured_seq 1234  queue 3.0 MiB "
+                        "memory, 12.0 MiB disk (limit 8.0 GiB)")
+    table = lines[6:9]
+    assert table[0].split() == ["ID", "TARGET", "STATE", "DATA", "LAG-OPS", "LAG-BYTES",
+                                "LAG-TIME", "UNSENT", "BANDWIDTH", "COMPRESSION"]
+    assert table[1].split() == ["1", "127.0.0.1:7100", "replicating", "mirror", "required",
+                                "34", "4.0", "KiB", "0.2s", "0", "1.0", "MiB/s", "zstd",
+                                "(declined)"]     # the target did not take zstd
+    assert table[2].split() == ["2", "10.0.0.2:7100", "error", "restore", "required", "1034",
+                                "5.0", "MiB", "1h02m", "1034", "unlimited", "zstd"]
+    # Columns line up: every cell starts where its header does (left-aligned ones) or
+    # ends where it ends (the numbers).
+    for name in ("TARGET", "STATE", "DATA", "BANDWIDTH", "COMPRESSION"):
+        col = table[0].index(name)
+        assert all(row[col - 2:col] == "  " and row[col] != " " for row in table[1:]), name
+    for name in ("LAG-OPS", "LAG-BYTES", "LAG-TIME", "UNSENT"):
+        end = table[0].index(name) + len(name)
+        assert all(row[end - 1] != " " and row[end:end + 2] == "  " for row in table[1:]), name
+    last_seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now - 300))
+
+    def clock(t: float) -> str:    # the time of day alone when on the day of last_seen
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+        return stamp.removeprefix(last_seen[:11])
+    first_seen, cleared = clock(now - 400), clock(now - 250)
+    details = lines[9:]
+    assert details[:6] == [
+        "connection 1",
+        "  mirror required  the volume held data when the connection was made",
+        "  bandwidth        1.0 MiB/s from bandwidth_schedule window 0 (bandwidth = "
+        "4.0 MiB/s)",
+        "  last task        t-12 snap.sh done (exit 0)",
+        f"  last error       {last_seen} (5m ago), 3 times since {first_seen}, "
+        f"cleared {cleared}: connection refused",
+        "connection 2",
+    ]
+    failing = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now - 5))
+    assert details[6:] == [
+        f"  last error  {failing} (5s ago): target refused: wrong key (auth)"]
+
+
+def test_status_output_is_plain_text_when_piped(
+    serve: Callable[[Handler], CannedServer], short_dir: Path
+) -> None:
+    # The real CLI in a child process, its stdout a pipe: no escapes, no carriage returns.
+    server = serve(lambda request: [result(**full_source_status(time.time()))])
+    done = subprocess.run([str(Path(sys.executable).parent / "mirrorline"), "--socket",
+                           server.path, "status"], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\r" not in done.stdout
+    assert "last error" in done.stdout and "COMPRESSION" in done.stdout
 
 
 def test_target_status_table(
@@ -171,8 +295,30 @@ def test_target_status_table(
     assert server.requests[0]["args"] == {"conid": 1}
     lines = out.splitlines()
     assert lines[0] == "target tgt1"
-    assert lines[1].split() == ["SOURCE", "ID", "APPLIED", "STATE", "FLAGS"]
-    assert lines[2].split() == ["src1", "1", "99", "applying", "restore-required"]
+    assert lines[1].split() == ["SOURCE", "ID", "STATE", "DATA", "APPLIED", "RECEIVED",
+                                "BACKLOG"]
+    assert lines[2].split() == ["src1", "1", "applying", "restore", "required", "99", "-",
+                                "-"]
+
+
+def test_target_status_shows_backlog_and_last_error(
+    serve: Callable[[Handler], CannedServer], capsys: pytest.CaptureFixture[str], utc: None
+) -> None:
+    now = time.time()
+    status: dict[str, Any] = {"role": "target", "node": "tgt1", "connections": [
+        {"source": "src1", "id": 3, "state": "paused", "data_state": "good",
+         "applied_seq": 90, "received_seq": 120, "last_error": "ENOSPC: apply failed",
+         "last_error_time": now - 30,
+         "recent_error": {"message": "ENOSPC: apply failed", "first_seen": now - 30,
+                          "last_seen": now - 30, "count": 1, "cleared_at": None}}]}
+    server = serve(lambda request: [result(**status)])
+    code, out, _ = cli(capsys, "--socket", server.path, "status")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[2].split() == ["src1", "3", "paused", "good", "90", "120", "30"]
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now - 30))
+    assert lines[3:] == ["connection 3 from src1",
+                         f"  last error  {stamp} (30s ago): ENOSPC: apply failed"]
 
 
 def test_json_prints_exactly_the_result_and_progress_as_json_lines(
