@@ -146,10 +146,11 @@ def meta_ops(base: int, path: bytes, what: list[str] | tuple[str, ...]) -> list[
     except FileNotFoundError:
         return []
     entry = entry_kind(st.st_mode)
-    ops: list[Op] = []
+    # Owner before mode: chown(2) clears the set-user-ID and set-group-ID bits of
+    # anything but a directory, so a chmod before it would not hold.
+    ops: list[Op] = [ChownOp(path, st.st_uid, st.st_gid)]
     if entry != "symlink":
         ops.append(ChmodOp(path, stat.S_IMODE(st.st_mode)))
-    ops.append(ChownOp(path, st.st_uid, st.st_gid))
     if "xattrs" in what and entry != "symlink":
         # PrepareOp drops xattrs not kept; it would also unlink a multiply linked file.
         ops.append(PrepareOp(path, entry, xattr_names(base, path, entry))
