@@ -75,6 +75,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -117,9 +118,29 @@ IN_EXCL_UNLINK = 0x04000000
 IN_ISDIR = 0x40000000
 IN_CLOEXEC = os.O_CLOEXEC
 IN_NONBLOCK = os.O_NONBLOCK
+#: Watches are added through an O_PATH descriptor's /proc link (the exact directory
+#: that was opened with O_NOFOLLOW), so that link must be followed: no IN_DONT_FOLLOW.
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _proc_fd(fd: int) -> bytes:
+    return b"/proc/self/fd/%d" % fd
+
+
+def _raise_fd_limit() -> None:
+    """One descriptor per watched directory: let the soft limit go up to the hard one."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):
+        pass
+
+
 _IN_MASK = (IN_CREATE | IN_DELETE | IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB | IN_MOVED_FROM
             | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW
             | IN_EXCL_UNLINK)
+_FD_MASK = _IN_MASK & ~IN_DONT_FOLLOW
 _IN_CHANGED = IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB
 
 # <linux/fanotify.h>
@@ -384,6 +405,11 @@ class InotifyBackend:
         self.watches = 0
         self._root = os.fsencode(os.path.realpath(root))
         self._dirs: dict[int, _Dir] = {}
+        #: An O_PATH descriptor of each watched directory, by wd: its path is read from
+        #: the kernel (/proc/self/fd) when an event is handled, as fanotify resolves
+        #: handles, so events are named by where the directory is *now* whatever
+        #: renames the queue still holds (see _path).
+        self._fds: dict[int, int] = {}
         self._raw: list[InotifyRecord] = []  # read, waiting for a rename partner
         self._ready: list[WatchEvent] = []  # processed, not yet returned
         self._root_gone = False
@@ -391,7 +417,10 @@ class InotifyBackend:
             self._fd = _inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         except OSError as exc:
             raise _lost("inotify_init1", exc) from exc
+        _raise_fd_limit()
         try:
+            # The root has no descriptor: one held open would keep its IN_DELETE_SELF
+            # from coming (the kernel sends it when the inode goes), and its path is "".
             self._root_wd = _inotify_add_watch(self._fd, self._root, _IN_MASK)
             root_stat = os.stat(self._root)
         except OSError as exc:
@@ -439,6 +468,9 @@ class InotifyBackend:
             pass
         os.close(fd)
         self._dirs.clear()
+        for dfd in self._fds.values():
+            os.close(dfd)
+        self._fds.clear()
         self.watches = 0
 
     async def _read_records(self) -> list[InotifyRecord]:
@@ -474,6 +506,8 @@ class InotifyBackend:
             if record.wd not in self._dirs or index in paired:
                 continue  # a removed (moved-out) subtree, or the second half of a move
             base = self._path(record.wd)
+            if base is None and record.wd in self._fds:
+                continue  # deleted, or not under the root now: its parent's events say so
             if base is None:
                 # A displaced directory: where it is now is unknown until a later event
                 # places it again. Its self events need no report (its parent's do).
@@ -502,9 +536,12 @@ class InotifyBackend:
                     self._moved_out(record.wd, record.name, path, is_dir, out)
                 else:
                     paired.add(partner)
-                    out.append(WatchEvent("move", path, _join(new_base, target.name),
-                                          is_dir=is_dir))
+                    new_path = _join(new_base, target.name)
+                    out.append(WatchEvent("move", path, new_path, is_dir=is_dir))
                     if is_dir:
+                        # Events read with this batch were named by where directories are
+                        # now (see _path): some under it may already carry the new name.
+                        out.append(_rescan(new_path, "directory renamed"))
                         self._moved_within(record.wd, record.name, target.wd, target.name,
                                            out)
             elif mask & IN_MOVED_TO:
@@ -519,6 +556,8 @@ class InotifyBackend:
                 child = self._dirs[record.wd].children.pop(record.name, None) if is_dir else None
                 if child is not None and child in self._dirs:
                     self._dirs[child].parent = _DETACHED  # its IN_IGNORED follows
+                    # ... once the inode goes, which our descriptor would prevent.
+                    self._close_fd(child)
             elif mask & _IN_CHANGED:
                 out.append(WatchEvent("dirty", path, is_dir=is_dir))
 
@@ -534,7 +573,14 @@ class InotifyBackend:
         elif mask & _IN_CHANGED:
             out.append(WatchEvent("dirty", base, is_dir=True))
 
+    def _close_fd(self, wd: int) -> None:
+        dfd = self._fds.pop(wd, None)
+        if dfd is not None:
+            os.close(dfd)
+
     def _forget(self, wd: int, out: list[WatchEvent]) -> None:
+        if wd != self._root_wd:
+            self._close_fd(wd)
         node = self._dirs.pop(wd, None)
         if node is None:
             return
@@ -590,7 +636,26 @@ class InotifyBackend:
         return _join(self._root, rel) if rel else self._root
 
     def _path(self, wd: int) -> bytes | None:
-        """The relative path of a watched directory, or None when its place is unknown."""
+        """The relative path of a watched directory now, or None when it is not under
+        the root (moved out, deleted) or its place is unknown."""
+        if wd == self._root_wd:
+            return b""
+        dfd = self._fds.get(wd)
+        if dfd is not None:
+            try:
+                where = os.readlink(_proc_fd(dfd))
+                if where.endswith(b" (deleted)") and os.fstat(dfd).st_nlink == 0:
+                    return None
+            except OSError:
+                return None
+            if where == self._root:
+                return b""
+            if where.startswith(self._root + b"/"):
+                return where[len(self._root) + 1:]
+            return None
+        return self._tree_path(wd)
+
+    def _tree_path(self, wd: int) -> bytes | None:
         parts: list[bytes] = []
         for _ in range(_MAX_DEPTH):
             if wd == self._root_wd:
@@ -631,6 +696,7 @@ class InotifyBackend:
             node = self._dirs.pop(wd, None) if wd != self._root_wd else None
             if node is None:
                 continue
+            self._close_fd(wd)
             parent = self._dirs.get(node.parent)
             if parent is not None and parent.children.get(node.name) == wd:
                 del parent.children[node.name]
@@ -654,7 +720,16 @@ class InotifyBackend:
             return None
         rel = _join(base, name)
         try:
-            wd = _inotify_add_watch(self._fd, self._abs(rel), _IN_MASK)
+            dfd = os.open(self._abs(rel), _PATH_FLAGS)
+            try:
+                wd = _inotify_add_watch(self._fd, _proc_fd(dfd), _FD_MASK)
+            except OSError:
+                os.close(dfd)
+                raise
+            if wd in self._fds:
+                os.close(dfd)      # the same directory again: one descriptor per wd
+            else:
+                self._fds[wd] = dfd
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 self._check_root(out)

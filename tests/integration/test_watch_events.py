@@ -424,7 +424,9 @@ async def test_inotify_lost_watch_is_loud(tmp_path: Path, monkeypatch: pytest.Mo
     real_add = watch_events._inotify_add_watch
 
     def add_watch(fd: int, path: bytes, mask: int) -> int:
-        if path.endswith(b"/nowatch"):
+        # Watches are added through an O_PATH descriptor's /proc link.
+        if os.readlink(path).endswith(b"/nowatch") if path.startswith(b"/proc/") else (
+                path.endswith(b"/nowatch")):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_add(fd, path, mask)
 
