@@ -124,6 +124,9 @@ def render_status(data: Mapping[str, Any]) -> list[str] | None:
     if role == "source":
         for volume in _dicts(data.get("volumes")):
             mounted = "mounted" if volume.get("mounted") else "NOT MOUNTED"
+            watch = volume.get("watch")
+            if isinstance(watch, dict):
+                mounted = f"watched ({_text(watch.get('backend'))}, {_text(watch.get('state'))})"
             line = (f"volume {_text(volume.get('name'))}  {_text(volume.get('path'))}  "
                     f"{mounted}  captured_seq {_text(volume.get('captured_seq'))}")
             if "journal_disk_bytes" in volume:
@@ -131,6 +134,13 @@ def render_status(data: Mapping[str, Any]) -> list[str] | None:
                          f"{_bytes(volume.get('journal_disk_bytes'))} disk"
                          f" (limit {_bytes(volume.get('journal_disk_limit'))})")
             lines.append(line)
+            if isinstance(watch, dict):
+                # Said every time: what watch mode does not promise.
+                lines.append(f"  watch mode: {_text(watch.get('guarantee'))}; "
+                             f"overflows {_text(watch.get('overflows'))}, "
+                             f"rescans {_text(watch.get('rescans'))}, "
+                             f"lost watches {_text(watch.get('lost_watches'))}, "
+                             f"pending events {_text(watch.get('pending_events'))}")
         headers = ("ID", "TARGET", "STATE", "DATA", "LAG-OPS", "LAG-BYTES", "LAG-TIME",
                    "UNSENT", "BANDWIDTH", "COMPRESSION")
         rows = [

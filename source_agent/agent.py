@@ -30,6 +30,8 @@ from source_agent.restore import RestoreJob
 from source_agent.sender import Sender
 from source_agent.tasks import SourceTasks
 from source_agent.volume import Volume
+from source_agent.watch import Watcher
+from source_agent.watch_index import WatchIndex
 
 log = structlog.get_logger("source")
 
@@ -64,6 +66,8 @@ class SourceAgent:
         self.config_file = config_file or ConfigFile()
         self.registry = Registry(config)
         self.volumes: dict[str, Volume] = {}
+        #: Watch volumes' watchers (``mode = "watch"``), by volume name.
+        self.watchers: dict[str, Watcher] = {}
         self.senders: dict[int, tuple[Sender, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
         self.started_at = time.time()
@@ -92,7 +96,13 @@ class SourceAgent:
                 vc.name, vc.path, journal, on_journal_failure=self._failure_handler(vc.name),
                 connections=self._connections_of(vc.name), sync_mode=vc.sync,
                 sync_timeout=vc.sync_timeout, disk_limit=self.config.queue.disk,
-                on_disk_bound=self._disk_bound_reached)
+                on_disk_bound=self._disk_bound_reached, watch=vc.mode == "watch")
+            if vc.mode == "watch":
+                index = WatchIndex(os.path.join(self.config.state_dir, "watch",
+                                                f"{vc.name}.sqlite"))
+                self.watchers[vc.name] = Watcher(self.volumes[vc.name], index,
+                                                 backend=vc.watch_backend,
+                                                 window=vc.watch_window)
         empty = {name: v.is_empty() and v.journal.last_seq == 0
                  for name, v in self.volumes.items()}
         last = {name: v.journal.last_seq for name, v in self.volumes.items()}
@@ -118,6 +128,13 @@ class SourceAgent:
                         "journal point may be missing")
                     if conn.restricted_since is None or since < conn.restricted_since:
                         conn.restricted_since = since
+        for name, watcher in self.watchers.items():
+            if watcher.first_start and not empty[name]:
+                # Nothing says what the target holds of this tree: a mirror finds out.
+                for conn in self._connections_of(name)():
+                    if not conn.mirror_required:
+                        conn.mark_mirror_required("first start of a watch volume (no index "
+                                                  "of what was sent)")
         self.registry.save()
         for record in self.task_store.load():
             log.warning("task was interrupted by a stop of the agent; it will not be re-run",
@@ -236,7 +253,6 @@ class SourceAgent:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled: control socket, mounts, senders; ready when all are up."""
-        from source_agent.capture import serve_mount  # pyfuse3 is imported only here
 
         cfg = self.config
         async with trio.open_nursery() as nursery:
@@ -252,6 +268,14 @@ class SourceAgent:
                 nursery.start_soon(volume.journal.run_flusher, cfg.queue.sync_interval)
                 backing_fd = os.open(volume.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 volume.backing_fd = backing_fd
+                watcher = self.watchers.get(volume.name)
+                if watcher is not None:
+                    await nursery.start(watcher.serve)
+                    volume.settle = watcher.settle
+                    volume.on_mirror_data = watcher.mirror_data
+                    continue
+                from source_agent.capture import serve_mount  # pyfuse3 is imported only here
+
                 await nursery.start(serve_mount, volume.path, backing_fd, volume)
                 volume.mounted = True
                 log.info("volume mounted", volume=volume.name, path=volume.path)
@@ -326,6 +350,8 @@ class SourceAgent:
         """Flush journals and state at shutdown (after the mounts are gone)."""
         for volume in self.volumes.values():
             volume.journal.close()
+        for watcher in self.watchers.values():
+            watcher.close()     # after the journal: its rows never claim more than it holds
         self.registry.save()
         log.info("source agent stopped cleanly")
 
@@ -359,6 +385,10 @@ class SourceAgent:
             "task_processing": self.registry.task_processing,
             "volumes": [{
                 "name": v.name, "path": v.path, "mounted": v.mounted,
+                "mode": "watch" if v.watch else "fuse",
+                "ready": (self.watchers[v.name].state == "watching" if v.watch
+                          else v.mounted),
+                **({"watch": self.watchers[v.name].status()} if v.watch else {}),
                 "captured_seq": v.journal.last_seq, "durable_seq": v.journal.durable_seq,
                 "journal_first_seq": v.journal.first_seq,
                 "journal_disk_bytes": v.journal.disk_bytes,
@@ -755,6 +785,10 @@ class SourceAgent:
         if isinstance(conns, Result):
             return conns
         timeout = args.get("timeout")
+        for name in {c.volume for c in conns}:
+            settle = self.volumes[name].settle
+            if settle is not None:
+                await settle()     # watch mode: changes made before the call count
         goals = {c.id: self.volumes[c.volume].journal.last_seq for c in conns}
         deadline = trio.current_time() + float(timeout) if timeout is not None else float("inf")
         with trio.move_on_at(deadline):

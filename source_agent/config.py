@@ -21,6 +21,24 @@ class VolumeConfig(BaseModel):
     #: sync = "replicated": the longest an application fsync waits for the targets
     #: (seconds) before it returns anyway, with a warning and a counter.
     sync_timeout: float = Field(default=5.0, gt=0)
+    #: "fuse": a FUSE mount over the directory captures every write, in order.
+    #: "watch": no mount; kernel notifications (fanotify, else inotify) say which
+    #: files changed, and their changed blocks are sent: file-level, eventually
+    #: consistent, not write-ordered (see source_agent/watch.py).
+    mode: Literal["fuse", "watch"] = "fuse"
+    #: mode = "watch": "auto" (fanotify where the kernel and privileges allow it,
+    #: else inotify), or one of them.
+    watch_backend: Literal["auto", "fanotify", "inotify"] = "auto"
+    #: mode = "watch": seconds from a change to its processing, so a burst of writes
+    #: to one file is read once.
+    watch_window: float = Field(default=0.05, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _watch_sync(self) -> VolumeConfig:
+        if self.mode == "watch" and self.sync == "replicated":
+            raise ValueError('sync = "replicated" needs mode = "fuse": a watch volume sees '
+                             "no application fsync to hold")
+        return self
 
     @field_validator("path")
     @classmethod

@@ -40,6 +40,27 @@ def collect_source(agent: SourceAgent, scrape: Scrape) -> None:
         scrape.gauge("journal_fsync_max_seconds", "Longest journal fsync in the last 1-2 "
                      "minutes.", journal.fsync_latency.snapshot()[3], node=node,
                      volume=v.name)
+    for name, watcher in agent.watchers.items():
+        st = watcher.status()
+        wlabels = {"node": node, "volume": name, "backend": str(st["backend"])}
+        scrape.counter("watch_events", "Kernel notifications read (watch mode).",
+                       st["events"], **wlabels)
+        scrape.counter("watch_overflows", "Times events were lost (kernel or agent queue "
+                       "overflow) and a rescan caught up.", st["overflows"], **wlabels)
+        scrape.counter("watch_lost_watches", "inotify watches that could not be added.",
+                       st["lost_watches"], **wlabels)
+        scrape.counter("watch_rescans", "Subtree rescans (lost events, new directories).",
+                       st["rescans"], **wlabels)
+        scrape.gauge("watch_pending_events", "Events read but not yet compared.",
+                     st["pending_events"], **wlabels)
+        scrape.counter("watch_bytes_read", "Bytes of files read to find changed blocks.",
+                       st["bytes_read"], **wlabels)
+        scrape.counter("watch_data_bytes_sent", "Bytes of changed blocks sent.",
+                       st["data_bytes_sent"], **wlabels)
+        scrape.counter("watch_errors", "Entries that could not be read (retried).",
+                       st["errors"], **wlabels)
+        scrape.gauge("watch_index_entries", "Entries in the index of what was sent.",
+                     st["index_entries"], **wlabels)
     for c in agent.registry.connections.values():
         volume = agent.volumes[c.volume]
         journal = volume.journal

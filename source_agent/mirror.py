@@ -54,6 +54,7 @@ from protocol.ops import (
     NoteOp,
     Op,
     PrepareOp,
+    TruncateOp,
     WriteOp,
 )
 from protocol.runtime.entries import (
@@ -215,6 +216,11 @@ class MirrorJob:
         try:
             with trio.CancelScope() as scope:
                 self._cancel = scope
+                if not self.volume.index_ready.is_set():
+                    # A watch volume's first scan: a mirror reading before it could miss
+                    # a change the scan records as already there (see watch.py).
+                    self.state = "waiting for the watch scan"
+                    await self.volume.index_ready.wait()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._answer_loop)
                     self.state = "scanning"
@@ -271,6 +277,8 @@ class MirrorJob:
     def _emit(self, op: Op) -> int:
         seq = self.volume.journal.append(op, scope=self.conn.id)
         self._last_seq = seq
+        if self.volume.on_mirror_data is not None and isinstance(op, (WriteOp, TruncateOp)):
+            self.volume.on_mirror_data(op.path)
         return seq
 
     def _check(self, op: CheckOp, path: bytes, entry: str, offset: int = 0,

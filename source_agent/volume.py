@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import structlog
@@ -54,11 +54,24 @@ class Volume:
                  connections: Callable[[], list[Connection]] | None = None,
                  sync_mode: Literal["journal", "replicated"] = "journal",
                  sync_timeout: float = 5.0, disk_limit: int = 0,
-                 on_disk_bound: Callable[[Volume], None] | None = None) -> None:
+                 on_disk_bound: Callable[[Volume], None] | None = None,
+                 watch: bool = False) -> None:
         self.name = name
         self.path = path
         self.journal = journal
         self.mounted = False
+        #: Set once the volume's capture is complete enough for a mirror to start: at
+        #: once for a FUSE mount, after the first scan for a watch volume.
+        self.index_ready = trio.Event()
+        #: True for ``mode = "watch"`` (no mount: see source_agent/watch.py).
+        self.watch = watch
+        if not watch:
+            self.index_ready.set()
+        #: Watch mode: sends every change made before the call (a task is queued
+        #: right after it). None for a FUSE volume, whose capture is synchronous.
+        self.settle: Callable[[], Awaitable[None]] | None = None
+        #: Watch mode: told the path of every file a mirror sends data of.
+        self.on_mirror_data: Callable[[bytes], None] | None = None
         #: Descriptor of the directory under the mount, set by the agent before mounting.
         #: Anything the agent reads of the volume goes through it: touching the mount
         #: path from the agent's own process would deadlock on its own FUSE server.

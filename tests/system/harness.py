@@ -100,7 +100,7 @@ class Agent:
             return False
         result = self.cli("status", check=False)
         return result.returncode == 0 and (self.kind != "source" or all(
-            v["mounted"] for v in json.loads(result.stdout)["data"]["volumes"]))
+            v.get("ready", v["mounted"]) for v in json.loads(result.stdout)["data"]["volumes"]))
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM and wait (clean shutdown)."""
@@ -177,8 +177,10 @@ class Cluster:
 
     def source(self, node: str, volume: Path, connections: list[tuple[int, Agent, str]],
                extra: str = "", key_name: str | None = None,
-               via: dict[int, str] | None = None) -> Agent:
+               via: dict[int, str] | None = None, volume_extra: str = "") -> Agent:
         """A source protecting ``volume`` with (conid, target agent, target_path) connections.
+
+        ``volume_extra``: more keys of the ``[[volume]]`` table (``mode = "watch"`` …).
 
         ``via``: conid → "host:port" to dial instead of the target's listen address
         (a chaos proxy in front of it, see tests/faults/proxy.py).
@@ -188,7 +190,7 @@ class Cluster:
         volume.mkdir(parents=True, exist_ok=True)
         lines = [f'node = "{node}"', f'state_dir = "{d}/state"',
                  f'control_socket = "{d}/source.sock"', f'task_dir = "{d}/tasks.d"', extra,
-                 "[[volume]]", 'name = "data"', f'path = "{volume}"']
+                 "[[volume]]", 'name = "data"', f'path = "{volume}"', volume_extra]
         for conid, target, tpath in connections:
             address = (via or {}).get(conid, f"127.0.0.1:{target.extra['port']}")
             lines += ["[[connection]]", f"id = {conid}", 'volume = "data"',
@@ -226,7 +228,8 @@ def wait_synced(source: Agent, conid: int | str = "*", timeout: float = 60) -> N
 
 # -- tree comparison --------------------------------------------------------------------
 
-def snapshot_tree(root: Path, *, mtimes: bool = True) -> dict[bytes, tuple[Any, ...]]:
+def snapshot_tree(root: Path, *, mtimes: bool = True,
+                  links: bool = True) -> dict[bytes, tuple[Any, ...]]:
     """Everything the replica must reproduce, keyed by relative path (bytes).
 
     Per entry: type, mode bits, uid, gid, content (files), target (symlinks),
@@ -248,7 +251,7 @@ def snapshot_tree(root: Path, *, mtimes: bool = True) -> dict[bytes, tuple[Any, 
         if stat.S_ISREG(kind):
             with open(full, "rb") as f:
                 detail = f.read()
-            if st.st_nlink > 1:
+            if st.st_nlink > 1 and links:
                 inodes.setdefault(st.st_ino, []).append(rel)
         elif stat.S_ISLNK(kind):
             detail = os.readlink(full)
@@ -266,9 +269,11 @@ def snapshot_tree(root: Path, *, mtimes: bool = True) -> dict[bytes, tuple[Any, 
     return out
 
 
-def diff_trees(a: Path, b: Path, *, mtimes: bool = True) -> list[str]:
-    """Human-readable differences between two trees (empty when identical)."""
-    sa, sb = snapshot_tree(a, mtimes=mtimes), snapshot_tree(b, mtimes=mtimes)
+def diff_trees(a: Path, b: Path, *, mtimes: bool = True, links: bool = True) -> list[str]:
+    """Human-readable differences between two trees (empty when identical); without
+    ``links``, which names share an inode is not compared."""
+    sa = snapshot_tree(a, mtimes=mtimes, links=links)
+    sb = snapshot_tree(b, mtimes=mtimes, links=links)
     problems = []
     for path in sorted(set(sa) | set(sb)):
         if path not in sa:
