@@ -913,11 +913,7 @@ def _xattr_state(items: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def _fileno(backend: WatchBackend | None) -> int:
-    """The backend's kernel queue descriptor (-1 if none), to poll it for pending events."""
-    if backend is None:
-        return -1
-    fileno = getattr(backend, "fileno", None)
-    return int(fileno()) if fileno is not None else int(getattr(backend, "_fd", -1))
+    return backend.fileno() if backend is not None else -1
 
 
 def _under(path: bytes, top: bytes, *, itself: bool = True) -> bool:

@@ -237,6 +237,10 @@ class WatchBackend(Protocol):
         """Release the kernel objects; a pending read() gets ClosedResourceError."""
         ...
 
+    def fileno(self) -> int:
+        """The kernel queue's descriptor (-1 once closed), to poll for pending events."""
+        ...
+
 
 def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
@@ -456,6 +460,9 @@ class InotifyBackend:
         events, self._ready = self._ready, []
         await trio.lowlevel.cancel_shielded_checkpoint()
         return events
+
+    def fileno(self) -> int:
+        return self._fd
 
     def close(self) -> None:
         """Close the inotify instance (and with it every watch). Idempotent."""
@@ -980,6 +987,9 @@ class FanotifyBackend:
                 self._process(event, events)
         await trio.lowlevel.cancel_shielded_checkpoint()
         return events
+
+    def fileno(self) -> int:
+        return self._fd
 
     def close(self) -> None:
         """Close the fanotify group (removing its mark). Idempotent."""
