@@ -617,6 +617,13 @@ class Watcher:
                 continue
             self._send(PrepareOp(path, "none", []))
             self._send(LinkOp(other.path, path))
+            # A create keeps the linked entry (several links: left as it is) and makes an
+            # empty file where the link could not be made; the content is sent too (as
+            # for "raced" in mirror_data): the other name's row says what was sent to
+            # it, not what the target's inode holds after every later op on every name.
+            self._raced.add(path)
+            self._send(CreateOp(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                st.st_mtime_ns))
             other.path = path
             self.index.put(other)
             self._touch_parent(path)
