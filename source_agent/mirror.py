@@ -682,15 +682,44 @@ class MirrorJob:
         if stat.S_ISDIR(st.st_mode):
             self._send_dir(path)
             return
-        for op in entry_ops(base, path):
-            # Appended as soon as it was read; awaiting only after that keeps each
-            # chunk at its point of the stream.
-            self._emit(op)
-            if isinstance(op, WriteOp):
-                self.bytes_sent += len(op.data)
-                await self._pace(weight=16, checks=False)
+        for _ in range(_RESEND_TRIES):
+            ops = entry_ops(base, path)
+            for op in ops:
+                # Appended as soon as it was read; awaiting only after that keeps each
+                # chunk at its point of the stream.
+                self._emit(op)
+                if isinstance(op, WriteOp):
+                    self.bytes_sent += len(op.data)
+                    await self._pace(weight=16, checks=False)
+                    if not _same_inode(base, path, st):
+                        # Replaced during the wait (an editor's rename over it, captured
+                        # in the stream): the rest of the old file's ops (its size,
+                        # times, xattrs) would land on the new one. Send the new one.
+                        break
+            else:
+                break
+            ops.close()
+            try:
+                st = os.stat(path, dir_fd=base, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if stat.S_ISDIR(st.st_mode):
+                self._send_dir(path)
+                return
         if path in self._leaders:
             self._link_ready.add(path)
+
+
+#: A file replaced this many times while it is being sent is left to the next pass.
+_RESEND_TRIES: Final = 8
+
+
+def _same_inode(base: int, path: bytes, st: os.stat_result) -> bool:
+    try:
+        now = os.stat(path, dir_fd=base, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
 
 
 def _xattrs_digest(dfd: int, name: bytes, entry: str) -> bytes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Final
 
 from protocol.checks import entry_kind, state_digest, xattr_digest
@@ -208,7 +208,7 @@ def file_ops(base: int, path: bytes) -> Iterator[Op]:
     yield UtimensOp(path, st.st_atime_ns, st.st_mtime_ns)
 
 
-def entry_ops(base: int, path: bytes) -> Iterator[Op]:
+def entry_ops(base: int, path: bytes) -> Generator[Op, None, None]:
     """Ops that replace ``path`` with whatever entry is there under ``base``, whole."""
     try:
         st = os.stat(path, dir_fd=base, follow_symlinks=False)
