@@ -62,7 +62,7 @@ import trio
 import trio.lowlevel
 import xxhash
 
-from protocol.checks import BLOCK_SIZE, entry_kind
+from protocol.checks import BLOCK_SIZE, block_hashes, entry_kind
 from protocol.ops import (
     RENAME_EXCHANGE,
     ChmodOp,
@@ -83,7 +83,13 @@ from protocol.ops import (
 )
 from protocol.runtime.entries import fd_xattr_items, xattr_items
 from source_agent.volume import Volume
-from source_agent.watch_events import PAIR_WAIT, WatchBackend, WatchEvent, open_backend
+from source_agent.watch_events import (
+    PAIR_WAIT,
+    WatchBackend,
+    WatchEvent,
+    is_under,
+    open_backend,
+)
 from source_agent.watch_index import IndexEntry, WatchIndex
 
 log = structlog.get_logger("watch")
@@ -304,13 +310,13 @@ class Watcher:
         done: list[bytes] = []
         for path in sorted(self._rescans):
             reason = self._rescans[path]
-            if any(_under(path, d) for d in done) or await self._guarded(
+            if any(is_under(path, d) for d in done) or await self._guarded(
                     self._rescan(path, reason), path):
                 done.append(path)
                 self._rescans.pop(path, None)
         for path in sorted(self._dirty):
             self._unsettled.add(path)
-            if any(_under(path, d) for d in done) or await self._guarded(
+            if any(is_under(path, d) for d in done) or await self._guarded(
                     self._reconcile(path, by_stat=False), path):
                 self._dirty.pop(path, None)
         for path in sorted(self._touched_dirs):
@@ -330,7 +336,7 @@ class Watcher:
         Such a file is sent whole at its next comparison instead.
         """
         pending = (path in self._unsettled or path in self._dirty
-                   or any(_under(path, r) for r in self._rescans))
+                   or any(is_under(path, r) for r in self._rescans))
         if not pending and self.backend is not None:
             fd = _fileno(self.backend)
             pending = fd >= 0 and bool(select.select([fd], [], [], 0)[0])
@@ -369,9 +375,9 @@ class Watcher:
     def _move(self, old: bytes, new: bytes, is_dir: bool) -> None:
         # Pending paths under the old name are looked at under the new one too, and stay
         # pending: the old name may hold something else by now (an exchange, a create).
-        for p in [p for p in self._dirty if _under(p, old)]:
+        for p in [p for p in self._dirty if is_under(p, old)]:
             self._dirty[new + p[len(old):]] = None
-        for p, reason in [(p, r) for p, r in self._rescans.items() if _under(p, old)]:
+        for p, reason in [(p, r) for p, r in self._rescans.items() if is_under(p, old)]:
             self._rescans[new + p[len(old):]] = reason
         self._dirty[old] = None
         new_parent = new.rpartition(b"/")[0]
@@ -395,9 +401,9 @@ class Watcher:
 
     def _exchange(self, a: bytes, b: bytes) -> None:
         for path in (a, b):
-            for p in [p for p in self._dirty if _under(p, path)]:
+            for p in [p for p in self._dirty if is_under(p, path)]:
                 self._dirty[(b if path == a else a) + p[len(path):]] = None
-            for p, reason in [(p, r) for p, r in self._rescans.items() if _under(p, path)]:
+            for p, reason in [(p, r) for p, r in self._rescans.items() if is_under(p, path)]:
                 self._rescans[(b if path == a else a) + p[len(path):]] = reason
         self._dirty[a] = self._dirty[b] = None
         if self.index.get(a) is None or self.index.get(b) is None:
@@ -876,10 +882,7 @@ def _compare_range(fd: int, start: int, length: int, old: IndexEntry | None,
 
 
 def _hash_range(fd: int, start: int, length: int) -> bytes:
-    data = os.pread(fd, length, start)
-    view = memoryview(data)
-    return b"".join(xxhash.xxh3_64_digest(view[pos:pos + BLOCK_SIZE])
-                    for pos in range(0, len(data), BLOCK_SIZE))
+    return b"".join(block_hashes(os.pread(fd, length, start)))
 
 
 def _row(path: bytes, kind: str, st: os.stat_result, *, xattrs: bytes = b"", link: bytes = b"",
@@ -921,13 +924,6 @@ def _xattr_state(items: list[tuple[bytes, bytes]]) -> bytes:
 
 def _fileno(backend: WatchBackend | None) -> int:
     return backend.fileno() if backend is not None else -1
-
-
-def _under(path: bytes, top: bytes, *, itself: bool = True) -> bool:
-    """True when ``path`` is ``top`` (if ``itself``) or below it (b"" is the root)."""
-    if not top:
-        return True
-    return (itself and path == top) or path.startswith(top + b"/")
 
 
 def _show(path: bytes) -> str:

@@ -246,7 +246,7 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
 
-def _is_under(path: bytes, top: bytes) -> bool:
+def is_under(path: bytes, top: bytes) -> bool:
     """``path`` is ``top`` or inside it (a relative ``top`` of ``b""`` holds everything)."""
     return not top or path == top or path.startswith(top + b"/")
 
@@ -1067,7 +1067,7 @@ class FanotifyBackend:
         new = self._relative(new_abs) if new_abs is not None else None
         if is_dir:
             self._cache.clear()  # paths under it (theory, rule 1)
-        if is_dir and old_abs is not None and _is_under(self._root, old_abs):
+        if is_dir and old_abs is not None and is_under(self._root, old_abs):
             # The root or one of its ancestors: every path from now on is outside.
             log.error("watch: volume root changed", root=self._root, reason="volume root moved",
                       renamed=old_abs)
