@@ -786,9 +786,7 @@ class SourceAgent:
             return conns
         timeout = args.get("timeout")
         for name in {c.volume for c in conns}:
-            settle = self.volumes[name].settle
-            if settle is not None:
-                await settle()     # watch mode: changes made before the call count
+            await self.volumes[name].settled()    # changes made before the call count
         goals = {c.id: self.volumes[c.volume].journal.last_seq for c in conns}
         deadline = trio.current_time() + float(timeout) if timeout is not None else float("inf")
         with trio.move_on_at(deadline):

@@ -96,9 +96,7 @@ class SourceTasks:
             return failed("task refused, nothing was queued: " + "; ".join(refusals),
                           refused=refusals)
         for volume in {c.volume for c in conns}:
-            settle = self.volumes[volume].settle
-            if settle is not None:
-                await settle()   # watch mode: changes made before the task go first
+            await self.volumes[volume].settled()   # changes made before the task go first
         # No await from here to the appends: each task sits right after them.
         records = []
         for conn in conns:

@@ -169,6 +169,12 @@ class Volume:
                         states={c.id: c.state for c in conns},
                         sync_degraded=self.sync_degraded)
 
+    async def settled(self) -> None:
+        """Return once every change made before the call is journaled (watch mode sends
+        its pending changes; a FUSE volume's capture already did)."""
+        if self.settle is not None:
+            await self.settle()
+
     def captured_at(self, seq: int) -> float | None:
         """Monotonic time around which ``seq`` was captured (None if not sampled)."""
         pos = bisect_right(self._sample_seqs, seq)
