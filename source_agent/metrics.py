@@ -15,6 +15,21 @@ CONNECTION_STATES = ("starting", "connecting", "replicating", "disconnected", "e
                      "stopped", "restore-required")
 
 
+#: Watch-mode series, from each watcher's status: (status key, kind, help).
+WATCH_SERIES = (
+    ("events", "counter", "Kernel notifications read (watch mode)."),
+    ("overflows", "counter", "Times events were lost (kernel or agent queue overflow) and a "
+     "rescan caught up."),
+    ("lost_watches", "counter", "inotify watches that could not be added."),
+    ("rescans", "counter", "Subtree rescans (lost events, new directories)."),
+    ("pending_events", "gauge", "Events read but not yet compared."),
+    ("bytes_read", "counter", "Bytes of files read to find changed blocks."),
+    ("data_bytes_sent", "counter", "Bytes of changed blocks sent."),
+    ("errors", "counter", "Entries that could not be read (retried)."),
+    ("index_entries", "gauge", "Entries in the index of what was sent."),
+)
+
+
 def collect_source(agent: SourceAgent, scrape: Scrape) -> None:
     """Fill ``scrape`` from ``agent``'s volumes, connections, senders and jobs."""
     node = agent.config.node
@@ -43,24 +58,9 @@ def collect_source(agent: SourceAgent, scrape: Scrape) -> None:
     for name, watcher in agent.watchers.items():
         st = watcher.status()
         wlabels = {"node": node, "volume": name, "backend": str(st["backend"])}
-        scrape.counter("watch_events", "Kernel notifications read (watch mode).",
-                       st["events"], **wlabels)
-        scrape.counter("watch_overflows", "Times events were lost (kernel or agent queue "
-                       "overflow) and a rescan caught up.", st["overflows"], **wlabels)
-        scrape.counter("watch_lost_watches", "inotify watches that could not be added.",
-                       st["lost_watches"], **wlabels)
-        scrape.counter("watch_rescans", "Subtree rescans (lost events, new directories).",
-                       st["rescans"], **wlabels)
-        scrape.gauge("watch_pending_events", "Events read but not yet compared.",
-                     st["pending_events"], **wlabels)
-        scrape.counter("watch_bytes_read", "Bytes of files read to find changed blocks.",
-                       st["bytes_read"], **wlabels)
-        scrape.counter("watch_data_bytes_sent", "Bytes of changed blocks sent.",
-                       st["data_bytes_sent"], **wlabels)
-        scrape.counter("watch_errors", "Entries that could not be read (retried).",
-                       st["errors"], **wlabels)
-        scrape.gauge("watch_index_entries", "Entries in the index of what was sent.",
-                     st["index_entries"], **wlabels)
+        for key, kind, help_text in WATCH_SERIES:
+            (scrape.counter if kind == "counter" else scrape.gauge)(
+                f"watch_{key}", help_text, st[key], **wlabels)
     for c in agent.registry.connections.values():
         volume = agent.volumes[c.volume]
         journal = volume.journal
